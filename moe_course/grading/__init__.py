@@ -1,0 +1,5 @@
+"""Exercise checkers, one module per chapter (``grading.ch01`` ...), built on :mod:`.core`."""
+
+from .core import CheckFailed, CheckResult, checker, expect, expect_close
+
+__all__ = ["CheckFailed", "CheckResult", "checker", "expect", "expect_close"]
