@@ -1,0 +1,583 @@
+"""The course's plots, in plain matplotlib.
+
+Every function returns the :class:`~matplotlib.figure.Figure` it drew on, never calls
+``plt.show()``, draws into ``ax`` when one is given, and uses the course style
+(:data:`COURSE_STYLE`) without changing the global ``rcParams``; call :func:`use_course_style`
+to make your own plots match. Figures are created with ``pyplot`` so notebooks show them; end
+the cell with ``;`` or assign the figure to avoid showing it twice, and ``plt.close(fig)`` when
+producing many.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from cycler import cycler
+from matplotlib.figure import Figure
+from matplotlib.patches import Circle, FancyArrowPatch, FancyBboxPatch
+
+__all__ = [
+    "COURSE_STYLE",
+    "PALETTE",
+    "use_course_style",
+    "plot_architecture",
+    "plot_expert_utilization",
+    "plot_routing_heatmap",
+    "plot_loss_curves",
+    "plot_race",
+]
+
+PALETTE = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C"]
+_ACCENT, _IDLE, _ROUTER, _SHARED, _PLAIN = "#DD8452", "#EDEDED", "#C9C2E6", "#BFE0C4", "#DCE6F2"
+
+COURSE_STYLE: dict[str, Any] = {
+    "figure.dpi": 100,
+    "savefig.dpi": 100,
+    "figure.figsize": (6.4, 4.0),
+    "figure.constrained_layout.use": True,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.prop_cycle": cycler(color=PALETTE),
+    "font.size": 10,
+    "axes.titlesize": 11,
+    "axes.labelsize": 10,
+    "xtick.labelsize": 9,
+    "ytick.labelsize": 9,
+    "legend.fontsize": 9,
+    "legend.frameon": False,
+    "image.cmap": "viridis",
+}
+
+
+def use_course_style() -> None:
+    """Apply :data:`COURSE_STYLE` to the global ``rcParams`` (dpi 100, light grid, small fonts)."""
+    plt.rcParams.update(COURSE_STYLE)
+
+
+def _styled(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with plt.rc_context(COURSE_STYLE):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _axes(ax, figsize: tuple[float, float]):
+    if ax is None:
+        fig, ax = plt.subplots(figsize=figsize)
+        return fig, ax
+    return ax.figure, ax
+
+
+def _numpy(x: Any) -> np.ndarray:
+    if torch.is_tensor(x):
+        return x.detach().float().cpu().numpy() if x.is_floating_point() else x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+# --------------------------------------------------------------------------------------------
+# architecture diagram
+# --------------------------------------------------------------------------------------------
+def _box(ax, x, y, w, h, text, color=_PLAIN, edge="#444444", size=9, bold=False, lw=1.0):
+    ax.add_patch(FancyBboxPatch((x, y), w, h, boxstyle="round,pad=0.02,rounding_size=0.12",
+                                facecolor=color, edgecolor=edge, linewidth=lw))
+    ax.text(x + w / 2, y + h / 2, text, ha="center", va="center", fontsize=size,
+            fontweight="bold" if bold else "normal")
+
+
+def _arrow(ax, start, end, color="#444444", style="-|>", ls="-", lw=1.2, rad=0.0, label=None, size=8):
+    ax.add_patch(FancyArrowPatch(start, end, arrowstyle=style, mutation_scale=11, color=color,
+                                 linestyle=ls, linewidth=lw, connectionstyle=f"arc3,rad={rad}",
+                                 shrinkA=1, shrinkB=1))
+    if label:
+        ax.text((start[0] + end[0]) / 2, (start[1] + end[1]) / 2 + 0.12, label, fontsize=size,
+                ha="center", va="bottom", color=color)
+
+
+def _polyline_arrow(ax, points, color="#444444", ls="-", lw=1.2):
+    """Straight segments through ``points`` with an arrow head on the last one (routed wires)."""
+    xs, ys = zip(*points[:-1])
+    ax.plot(xs, ys, color=color, ls=ls, lw=lw, solid_capstyle="butt")
+    _arrow(ax, points[-2], points[-1], color=color, ls=ls, lw=lw)
+
+
+def _spec(obj: Any) -> dict[str, Any]:
+    """Numbers a diagram needs from an MoE layer, a model, or a config (dataclass or dict)."""
+    from .layers import MoELayer, SoftMoE, moe_layers
+
+    if isinstance(obj, MoELayer):
+        shared = getattr(obj, "shared", None)
+        return {
+            "scope": "layer",
+            "ffn": "soft" if isinstance(obj, SoftMoE) else "moe",
+            "num_experts": obj.num_experts, "k": obj.k, "d_model": obj.d_model,
+            "d_hidden": obj.experts.d_hidden, "activation": obj.experts.activation,
+            "num_shared_experts": shared.num_experts if shared is not None else 0,
+            "capacity_factor": getattr(obj, "capacity_factor", None),
+        }
+    if isinstance(obj, torch.nn.Module):
+        cfg = getattr(obj, "config", None)
+        layers = moe_layers(obj)
+        if cfg is not None:
+            spec = _spec(cfg)
+            if layers:  # a compressed model's layers may differ from its config: draw what is there
+                real = _spec(layers[0])
+                spec.update({k: v for k, v in real.items() if k != "scope"})
+            return spec
+        if not layers:
+            raise ValueError(f"model_or_config: {type(obj).__name__} has no .config and no MoE layers to draw")
+        return {**_spec(layers[0]), "n_moe_layers": len(layers)}
+    if isinstance(obj, Mapping):
+        fields = dict(obj)
+    elif hasattr(obj, "__dataclass_fields__") or hasattr(obj, "__dict__"):
+        fields = {name: getattr(obj, name) for name in dir(obj) if not name.startswith("_")
+                  and not callable(getattr(obj, name, None))}
+    else:
+        raise TypeError(f"model_or_config: expected an MoE layer, a model, or a config, got {type(obj).__name__}")
+    needed = ("d_model", "d_hidden")
+    missing = [n for n in needed if n not in fields]
+    if missing:
+        raise ValueError(f"model_or_config: config lacks {missing}; got fields {sorted(fields)}")
+    return {"scope": "model" if "n_layers" in fields else "layer", "ffn": "moe", "num_experts": 1, "k": 1,
+            "activation": "gelu", "num_shared_experts": 0, "capacity_factor": None, **fields}
+
+
+def _draw_layer(ax, s: dict[str, Any]) -> None:
+    """tokens -> router -> top-k experts (highlighted) -> weighted sum -> + residual -> output."""
+    kind, E, d, h = s["ffn"], int(s["num_experts"]), s["d_model"], s["d_hidden"]
+    k = E if kind == "soft" else (1 if kind == "dense" else int(s["k"]))
+    n_shared = int(s.get("num_shared_experts") or 0) if kind == "moe" else 0
+    ax.set_xlim(0, 10.4)
+    ax.set_ylim(-0.35, 6.65)
+    ax.set_axis_off()
+    mid = 3.0
+    _box(ax, 0.1, mid - 0.45, 1.5, 0.9, f"tokens x\n[T, d={d}]")
+    _box(ax, 8.8, mid - 0.45, 1.5, 0.9, "output\n[T, d]")
+    plus = (8.2, mid)
+    sigma = (7.3, mid)
+
+    # Which boxes to show: all experts up to 8, else the first 5, a gap, and the last 2.
+    shown = list(range(E)) if E <= 8 else [0, 1, 2, 3, 4, None, E - 2, E - 1]
+    chosen = set(range(E)) if kind in ("soft", "dense") else {i for i in (1, 3, 0, 4, 2, 5, 6, 7)[:k] if i < E}
+    if kind == "moe" and k > len(chosen):
+        chosen = set(range(min(k, E)))
+    slots = len(shown) + n_shared
+    top, bottom = 5.9, 0.1
+    step = (top - bottom) / max(slots, 1)
+    bh = min(0.62, step * 0.8)
+    ex_x, ex_w = 4.6, 1.9
+    act = "SwiGLU" if s.get("activation") == "swiglu" else "GELU"
+
+    if kind == "dense":
+        _box(ax, ex_x, mid - 0.5, ex_w, 1.0, f"dense MLP\n{d}→{h}→{d} ({act})", color=_ACCENT)
+        _arrow(ax, (1.6, mid), (ex_x, mid))
+        _arrow(ax, (ex_x + ex_w, mid), (plus[0] - 0.18, mid))
+    else:
+        router_label = "gate\nsoftmax(x W_g)\nall experts" if kind == "soft" else f"router\nLinear(d, {E})\nsoftmax → top-{k}"
+        _box(ax, 2.0, mid - 0.6, 1.7, 1.2, router_label, color=_ROUTER)
+        _arrow(ax, (1.6, mid), (2.0, mid))
+        for slot, i in enumerate(shown):
+            y = top - (slot + 0.5) * step
+            if i is None:
+                ax.text(ex_x + ex_w / 2, y, "⋮", ha="center", va="center", fontsize=14)
+                continue
+            on = i in chosen
+            _box(ax, ex_x, y - bh / 2, ex_w, bh, f"expert {i}" + (f"  {d}→{h}→{d}" if bh > 0.45 else ""),
+                 color=_ACCENT if on else _IDLE, edge="#444444" if on else "#AAAAAA", size=8, lw=1.4 if on else 0.8)
+            if on:
+                _arrow(ax, (3.7, mid), (ex_x, y), color=_ACCENT, lw=1.3)
+                _arrow(ax, (ex_x + ex_w, y), (sigma[0] - 0.25, sigma[1]), color=_ACCENT, lw=1.3)
+        for j in range(n_shared):
+            y = top - (len(shown) + j + 0.5) * step
+            _box(ax, ex_x, y - bh / 2, ex_w, bh, f"shared {j} (always on)", color=_SHARED, size=8)
+            _arrow(ax, (1.6, mid - 0.3), (ex_x, y), color="#2E7D32", rad=0.1)
+            _arrow(ax, (ex_x + ex_w, y), (sigma[0] - 0.25, sigma[1]), color="#2E7D32")
+        ax.add_patch(Circle(sigma, 0.25, facecolor="white", edgecolor="#444444"))
+        ax.text(*sigma, "Σ", ha="center", va="center", fontsize=11)
+        ax.text(sigma[0] + 0.12, sigma[1] + 0.3, r"$\sum_i g_i E_i(x)$", ha="left", va="bottom", fontsize=8)
+        gate_y = top + 0.3
+        _polyline_arrow(ax, [(2.85, mid + 0.6), (2.85, gate_y), (sigma[0], gate_y), (sigma[0], sigma[1] + 0.75)],
+                        color="#6A5ACD", ls="--")
+        ax.text((2.85 + sigma[0]) / 2, gate_y + 0.05, f"gate weights g ({'all E' if kind == 'soft' else 'top-' + str(k)})",
+                color="#6A5ACD", fontsize=8, ha="center", va="bottom")
+        _arrow(ax, (sigma[0] + 0.25, mid), (plus[0] - 0.18, mid))
+    ax.add_patch(Circle(plus, 0.18, facecolor="white", edgecolor="#444444"))
+    ax.text(*plus, "+", ha="center", va="center", fontsize=11)
+    res_y = bottom - 0.25
+    _polyline_arrow(ax, [(0.85, mid - 0.45), (0.85, res_y), (plus[0], res_y), (plus[0], plus[1] - 0.18)],
+                    color="#888888", ls=":")
+    ax.text(4.0, res_y + 0.05, "residual (the block adds x back)", fontsize=8, color="#888888", ha="center",
+            va="bottom")
+    _arrow(ax, (plus[0] + 0.18, mid), (8.8, mid))
+
+    if kind == "soft":
+        title = f"Soft MoE layer: all {E} experts run, softmax-weighted"
+    elif kind == "dense":
+        title = "Dense feed-forward layer"
+    else:
+        title = f"Sparse MoE layer: top-{k} of {E} experts"
+        if n_shared:
+            title += f" + {n_shared} shared"
+        if s.get("capacity_factor"):
+            title += f", capacity factor {s['capacity_factor']}"
+    if s.get("n_moe_layers", 1) > 1:
+        title += f" (first of {s['n_moe_layers']} MoE layers)"
+    ax.set_title(f"{title}\nd_model={d}, d_hidden={h}, {act}", fontsize=10)
+
+
+def _draw_stack(ax, s: dict[str, Any]) -> None:
+    """Input -> embedding/stem -> N x [norm, mixer, norm, FFN] -> head."""
+    ax.set_xlim(0, 5)
+    ax.set_ylim(0, 10)
+    ax.set_axis_off()
+    lm = "vocab_size" in s
+    mixer = "attention" if lm else s.get("mixer", "conv")
+    heads = s.get("n_heads")
+    ffn = s["ffn"]
+    if ffn == "moe":
+        ffn_label = f"MoE FFN\ntop-{s['k']} of {s['num_experts']} experts"
+        if s.get("num_shared_experts"):
+            ffn_label += f" + {s['num_shared_experts']} shared"
+    elif ffn == "soft":
+        ffn_label = f"soft MoE FFN\n{s['num_experts']} experts"
+    else:
+        ffn_label = "dense MLP\n"
+    ffn_label += ("" if ffn == "dense" else ", ") + f"{s['d_model']}→{s['d_hidden']}→{s['d_model']}"
+
+    if lm:
+        inp = f"token ids [B, T≤{s.get('context_length', '?')}]"
+        emb = f"token + position embedding\nvocab {s['vocab_size']} × d {s['d_model']}"
+        head = "LayerNorm → LM head (tied)\nlogits [B, T, vocab]"
+    else:
+        inp = f"signal x [B, {s.get('input_length', '?')}]"
+        emb = f"conv stem → {s.get('num_tokens', '?')} tokens × d {s['d_model']}\n+ position embedding"
+        head = f"LayerNorm → mean pool → linear\nlogits [B, {s.get('num_classes', '?')}]"
+
+    _box(ax, 0.6, 0.2, 3.6, 0.7, inp)
+    _box(ax, 0.6, 1.5, 3.6, 1.0, emb)
+    ax.add_patch(FancyBboxPatch((0.35, 3.1), 4.1, 4.6, boxstyle="round,pad=0.02,rounding_size=0.2",
+                                facecolor="#F7F7F7", edgecolor="#888888", linestyle="--"))
+    ax.text(4.55, 5.4, f"× {s['n_layers']}", fontsize=12, fontweight="bold", va="center")
+    if mixer != "none":
+        mix_label = (f"LayerNorm → self-attention\n{heads} heads" + (", causal" if lm else "")
+                     if mixer == "attention" else "LayerNorm → depthwise conv mixer")
+        _box(ax, 0.6, 3.45, 3.6, 1.1, mix_label, color=_ROUTER)
+    _box(ax, 0.6, 5.35, 3.6, 1.25, "LayerNorm → " + ffn_label, color=_ACCENT if ffn != "dense" else _PLAIN)
+    for y in (4.95, 6.95):
+        ax.add_patch(Circle((2.4, y), 0.17, facecolor="white", edgecolor="#444444"))
+        ax.text(2.4, y, "+", ha="center", va="center", fontsize=10)
+    _box(ax, 0.6, 8.3, 3.6, 1.0, head)
+    _arrow(ax, (2.4, 0.9), (2.4, 1.5))
+    _arrow(ax, (2.4, 2.5), (2.4, 3.45))
+    _arrow(ax, (2.4, 4.55), (2.4, 4.78))
+    _arrow(ax, (2.4, 5.12), (2.4, 5.35))
+    _arrow(ax, (2.4, 6.6), (2.4, 6.78))
+    _arrow(ax, (2.4, 7.12), (2.4, 8.3))
+    for y0, y1 in ((3.2, 4.95), (5.1, 6.95)):  # residual connections
+        _arrow(ax, (0.6, y0), (2.23, y1), color="#888888", ls=":", rad=-0.45)
+    kind = ("" if ffn == "dense" else "MoE ") + ("Transformer LM" if lm else "classifier")
+    ax.set_title(f"{kind}: {s['n_layers']} blocks, "
+                 f"d_model={s['d_model']}", fontsize=10)
+
+
+@_styled
+def plot_architecture(model_or_config: Any, ax=None) -> Figure:
+    """Block diagram of an MoE layer, or of a whole model beside its MoE layer.
+
+    ``model_or_config``: a :class:`~moe_course.layers.MoELayer` (one panel: tokens -> router ->
+    top-k experts highlighted -> weighted sum -> residual add -> output), or a model with a
+    ``.config`` / a config (``LMConfig``, ``ClassifierConfig`` or a dict with their fields): the
+    stack of blocks (mixer + MoE feed-forward, ``× n_layers``) labelled with the config's numbers,
+    next to the layer diagram. ``ax`` is only accepted for the one-panel layer diagram.
+    """
+    s = _spec(model_or_config)
+    if s["scope"] == "layer":
+        fig, ax = _axes(ax, (8.0, 4.8))
+        _draw_layer(ax, s)
+        return fig
+    if ax is not None:
+        raise ValueError("ax: a whole-model diagram has two panels; pass ax=None (or draw an MoE layer)")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13.0, 5.2), width_ratios=[1, 1.9])
+    _draw_stack(left, s)
+    _draw_layer(right, s)
+    return fig
+
+
+# --------------------------------------------------------------------------------------------
+# routing plots
+# --------------------------------------------------------------------------------------------
+def _frequencies(stats: Any) -> list[tuple[str, np.ndarray, float | None]]:
+    """(title, frequency [E], load CV or None) per layer from stats, one layer, or arrays."""
+    if hasattr(stats, "layers"):
+        stats = list(stats.layers)
+    if hasattr(stats, "frequency"):
+        stats = [stats]
+    if torch.is_tensor(stats) or isinstance(stats, np.ndarray):
+        arr = _numpy(stats).astype(float)
+        arr = arr[None] if arr.ndim == 1 else arr
+        if arr.ndim != 2:
+            raise ValueError(f"stats: expected frequencies [E] or [L, E], got shape {arr.shape}")
+        return [(f"layer {i}", row / row.sum() if row.sum() else row, None) for i, row in enumerate(arr)]
+    if isinstance(stats, Sequence) and stats:
+        out = []
+        for i, s in enumerate(stats):
+            if hasattr(s, "frequency"):
+                out.append((f"layer {getattr(s, 'index', i)}", _numpy(s.frequency).astype(float),
+                            getattr(s, "load_cv", None)))
+            else:
+                row = _numpy(s).astype(float)
+                out.append((f"layer {i}", row / row.sum() if row.sum() else row, None))
+        return out
+    raise TypeError(f"stats: expected RoutingStats, LayerRoutingStats or frequencies, got {type(stats).__name__}")
+
+
+@_styled
+def plot_expert_utilization(stats: Any, layer: int | Sequence[int] | None = None, ax=None,
+                            title: str | None = None) -> Figure:
+    """Bars of the share of top-k assignments each expert receives, one panel per layer.
+
+    The dashed line is the balanced share ``1/E`` that the Switch load-balancing loss (Fedus et
+    al. 2022, eq. 4) pushes towards. ``stats``: :class:`~moe_course.metrics.RoutingStats`, one
+    layer's stats, or frequencies ``[E]`` / ``[L, E]``. ``layer``: an index or indices (default:
+    all). ``ax`` only for a single layer.
+    """
+    items = _frequencies(stats)
+    if layer is not None:
+        wanted = [layer] if isinstance(layer, int) else list(layer)
+        for i in wanted:
+            if not -len(items) <= i < len(items):
+                raise ValueError(f"layer: expected an index in [0, {len(items)}), got {i}")
+        items = [items[i] for i in wanted]
+    if ax is not None and len(items) != 1:
+        raise ValueError(f"ax: one axes can hold one layer, got {len(items)}; pass layer=i or ax=None")
+    n = len(items)
+    ncols = min(4, n)
+    nrows = math.ceil(n / ncols)
+    if ax is None:
+        fig, axes = plt.subplots(nrows, ncols, figsize=(3.1 * ncols, 2.5 * nrows + 0.3), sharey=True, squeeze=False)
+        axes = axes.ravel()
+    else:
+        fig, axes = ax.figure, [ax]
+    for a, (name, freq, cv) in zip(axes, items):
+        E = len(freq)
+        a.bar(np.arange(E), freq, color=PALETTE[0], width=0.8)
+        a.axhline(1 / E, color=PALETTE[3], ls="--", lw=1.2, label="uniform 1/E")
+        a.set_title(name + (f"  (CV {cv:.2f})" if cv is not None and cv == cv else ""))
+        a.set_xlabel("expert")
+        a.set_xticks(np.arange(E) if E <= 16 else np.linspace(0, E - 1, 9).round().astype(int))
+        a.grid(axis="x", visible=False)
+    top = max(max(float(np.max(f)) for _, f, _ in items), max(1 / len(f) for _, f, _ in items))
+    axes[0].set_ylim(0, top * 1.25)  # headroom for the legend (the y axis is shared)
+    axes[0].set_ylabel("share of assignments")
+    axes[0].legend(loc="upper right", ncol=1)
+    for a in list(axes)[n:]:
+        a.set_visible(False)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def _token_label(t: str) -> str:
+    return {" ": "␣", "\n": "↵", "\t": "⇥"}.get(t, t)
+
+
+@_styled
+def plot_routing_heatmap(tokens: Sequence[str] | str | None, indices_or_probs: Any, num_experts: int | None = None,
+                         weights: Any = None, ax=None, title: str | None = None, max_tokens: int = 64) -> Figure:
+    """Token-by-expert heatmap of one layer's routing (e.g. the characters of a text vs experts).
+
+    ``indices_or_probs``: router probabilities ``[T, E]`` (float), chosen experts ``[T, k]``
+    (integer; cells show the gate ``weights [T, k]`` when given, else 1), a
+    :class:`~moe_course.layers.RouterOutput`, or one layer of
+    :func:`~moe_course.metrics.routing_stats` (probabilities, with the top-k choices ringed).
+    ``tokens``: ``T`` labels (a string is split into characters), or ``None`` for positions.
+    The first ``max_tokens`` tokens are drawn.
+    """
+    chosen = None
+    routed = indices_or_probs
+    if hasattr(routed, "indices") and (getattr(routed, "probs", None) is not None
+                                       or getattr(routed, "logits", None) is not None):
+        # a RouterOutput, or a LayerRoutingStats with its kept logits
+        probs = routed.probs if getattr(routed, "probs", None) is not None else routed.logits.float().softmax(-1)
+        values = _numpy(probs).reshape(-1, probs.shape[-1]).astype(float)
+        chosen = _numpy(routed.indices).reshape(-1, routed.indices.shape[-1])[: values.shape[0]]
+        label = "router probability"
+    else:
+        arr = indices_or_probs if torch.is_tensor(indices_or_probs) else torch.as_tensor(np.asarray(indices_or_probs))
+        if arr.dim() != 2:
+            raise ValueError(f"indices_or_probs: expected a [T, E] or [T, k] tensor, got shape {tuple(arr.shape)}")
+        if arr.is_floating_point():
+            values, label = _numpy(arr).astype(float), "router probability"
+        else:
+            idx = arr.long().cpu()
+            E = num_experts if num_experts is not None else int(idx.max()) + 1 if idx.numel() else 1
+            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= E):
+                raise ValueError(f"indices_or_probs: expert indices must be in [0, num_experts={E})")
+            fill = torch.ones(idx.shape) if weights is None else torch.as_tensor(_numpy(weights), dtype=torch.float32)
+            if fill.shape != idx.shape:
+                raise ValueError(f"weights: expected shape {tuple(idx.shape)} like the indices, got {tuple(fill.shape)}")
+            values = torch.zeros(idx.shape[0], E).scatter_(1, idx, fill).numpy()
+            label = "gate weight" if weights is not None else "selected"
+            chosen = idx.numpy()
+    if isinstance(tokens, str):
+        tokens = list(tokens)
+    if tokens is not None and len(tokens) != values.shape[0]:
+        raise ValueError(f"tokens: expected {values.shape[0]} labels (one per routed token), got {len(tokens)}")
+    T = min(values.shape[0], max_tokens)
+    values = values[:T]
+    fig, ax = _axes(ax, (10.0, 3.4))
+    im = ax.imshow(values.T, aspect="auto", cmap="Blues" if label == "selected" else "viridis",
+                   vmin=0, vmax=1 if label != "router probability" else max(float(values.max()), 1e-9),
+                   interpolation="nearest")
+    if chosen is not None and label == "router probability":
+        ts, es = np.nonzero(_mask(chosen[:T], values.shape[1]))
+        ax.scatter(ts, es, s=30, facecolors="none", edgecolors=_ACCENT, linewidths=1.2, label="top-k")
+        ax.legend(loc="upper right", bbox_to_anchor=(1.0, 1.18), ncol=1)
+    E = values.shape[1]
+    ax.set_yticks(np.arange(E) if E <= 16 else np.linspace(0, E - 1, 9).round().astype(int))
+    ax.set_ylabel("expert")
+    if tokens is not None:
+        ax.set_xticks(np.arange(T))
+        ax.set_xticklabels([_token_label(str(t)) for t in tokens[:T]], fontsize=8, family="monospace")
+        ax.set_xlabel("token")
+    else:
+        ax.set_xlabel("token position")
+    ax.grid(False)
+    fig.colorbar(im, ax=ax, label=label, fraction=0.04, pad=0.01)
+    if title:
+        ax.set_title(title)
+    return fig
+
+
+def _mask(indices: np.ndarray, E: int) -> np.ndarray:
+    m = np.zeros((indices.shape[0], E), dtype=bool)
+    m[np.arange(indices.shape[0])[:, None], indices] = True
+    return m
+
+
+# --------------------------------------------------------------------------------------------
+# training curves and timing races
+# --------------------------------------------------------------------------------------------
+def _field(h: Any, name: str, default: Any = None) -> Any:
+    if isinstance(h, Mapping):
+        return h.get(name, default)
+    return getattr(h, name, default)
+
+
+def _is_history(h: Any) -> bool:
+    return _field(h, "train_loss") is not None
+
+
+def _ema(values: np.ndarray, smoothing: float) -> np.ndarray:
+    """Debiased exponential moving average (as TensorBoard draws it); 0 = no smoothing."""
+    out, acc = np.empty_like(values, dtype=float), 0.0
+    for i, v in enumerate(values):
+        acc = smoothing * acc + (1 - smoothing) * v
+        out[i] = acc / (1 - smoothing ** (i + 1)) if smoothing > 0 else v
+    return out
+
+
+@_styled
+def plot_loss_curves(history_or_histories: Any, smoothing: float = 0.9, metric: str | None = None,
+                     ax=None, logy: bool = False, title: str | None = None) -> Figure:
+    """Training loss (raw, faint, and smoothed) with evaluation points, for one or several runs.
+
+    Accepts a :class:`~moe_course.train.History` (``steps``, ``train_loss``, ``eval_steps``,
+    ``eval_metrics`` list of dicts) or anything with those fields (a dict from ``to_dict()``),
+    or a dict ``{name: history}``. A second panel shows ``metric`` (default: the first eval
+    metric other than ``loss``, e.g. ``perplexity`` or ``accuracy``) unless ``ax`` is given.
+    """
+    if not 0 <= smoothing < 1:
+        raise ValueError(f"smoothing: expected a number in [0, 1), got {smoothing!r}")
+    runs = {"": history_or_histories} if _is_history(history_or_histories) else history_or_histories
+    if not isinstance(runs, Mapping) or not runs or not all(_is_history(h) for h in runs.values()):
+        raise TypeError("history_or_histories: expected a History (with train_loss) or a non-empty dict "
+                        "{name: History}")
+    evals = {name: (list(_field(h, "eval_steps", []) or []), list(_field(h, "eval_metrics", []) or []))
+             for name, h in runs.items()}
+    if metric is None:
+        keys = [k for _, ms in evals.values() for m in ms for k in m if k != "loss"]
+        metric = keys[0] if keys else None
+    two = metric is not None and ax is None
+    if ax is None:
+        fig, axes = plt.subplots(1, 2 if two else 1, figsize=(11.0, 3.8) if two else (6.4, 3.8), squeeze=False)
+        loss_ax, metric_ax = axes[0][0], (axes[0][1] if two else None)
+    else:
+        fig, loss_ax, metric_ax = ax.figure, ax, None
+    for i, (name, h) in enumerate(runs.items()):
+        color = PALETTE[i % len(PALETTE)]
+        loss = np.asarray(_field(h, "train_loss"), dtype=float)
+        steps = np.asarray(_field(h, "steps", None) or range(len(loss)), dtype=float)
+        prefix = f"{name} " if name else ""
+        if len(loss):
+            loss_ax.plot(steps, loss, color=color, alpha=0.2, lw=0.8)
+            loss_ax.plot(steps, _ema(loss, smoothing), color=color, lw=1.6, label=f"{prefix}train")
+        e_steps, e_metrics = evals[name]
+        pts = [(s, m["loss"]) for s, m in zip(e_steps, e_metrics) if "loss" in m]
+        if pts:
+            loss_ax.plot(*zip(*pts), "o--", color=color, ms=4, lw=1.2, label=f"{prefix}eval")
+        if metric_ax is not None:
+            pts = [(s, m[metric]) for s, m in zip(e_steps, e_metrics) if metric in m]
+            if pts:
+                metric_ax.plot(*zip(*pts), "o-", color=color, ms=4, label=name or None)
+    loss_ax.set_xlabel("step")
+    loss_ax.set_ylabel("loss")
+    if logy:
+        loss_ax.set_yscale("log")
+    loss_ax.legend()
+    if metric_ax is not None:
+        metric_ax.set_xlabel("step")
+        metric_ax.set_ylabel(f"eval {metric}")
+        if len(runs) > 1:
+            metric_ax.legend()
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+@_styled
+def plot_race(results: Mapping[str, Mapping[Any, float] | float], ax=None, title: str | None = None,
+              xlabel: str = "tokens T", ylabel: str = "time (ms)", log: bool = True) -> Figure:
+    """Timing comparison of strategies: ``{strategy: {T: ms}}`` as lines over ``T`` (log-log),
+    or as bars when each strategy has a single measurement (``{strategy: ms}`` also works)."""
+    if not isinstance(results, Mapping) or not results:
+        raise ValueError("results: expected a non-empty dict {strategy: {T: ms}} or {strategy: ms}")
+    series = {name: (dict(v) if isinstance(v, Mapping) else {None: float(v)}) for name, v in results.items()}
+    xs = sorted({x for v in series.values() for x in v if x is not None})
+    fig, ax = _axes(ax, (6.4, 4.0))
+    if len(xs) <= 1:
+        names = list(series)
+        vals = [next(iter(series[n].values())) for n in names]
+        bars = ax.bar(names, vals, color=[PALETTE[i % len(PALETTE)] for i in range(len(names))])
+        ax.bar_label(bars, fmt="%.3g", fontsize=8)
+        ax.set_ylabel(ylabel)
+        if xs:
+            ax.set_xlabel(f"{xlabel} = {xs[0]}")
+        if log and min(vals) > 0 and max(vals) / min(vals) > 30:
+            ax.set_yscale("log")
+        ax.grid(axis="x", visible=False)
+    else:
+        for i, (name, v) in enumerate(series.items()):
+            pts = sorted((x, y) for x, y in v.items() if x is not None)
+            ax.plot(*zip(*pts), "o-", color=PALETTE[i % len(PALETTE)], label=name, ms=4)
+        if log:
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.minorticks_off()
+        if all(isinstance(x, (int, float)) for x in xs):
+            ax.set_xticks(xs, [f"{x:g}" for x in xs])
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.legend()
+    if title:
+        ax.set_title(title)
+    return fig
