@@ -39,6 +39,10 @@ class CheckResult:
     def __bool__(self) -> bool:
         return self.passed
 
+    def _ipython_display_(self) -> None:
+        # The checker already printed the result; a notebook cell ending in the check shows it once.
+        pass
+
 
 def expect(condition: bool, hint: str) -> None:
     """Fail the check with ``hint`` unless ``condition`` holds."""
