@@ -1,0 +1,584 @@
+"""The course's two model families and their presets.
+
+* :class:`MoETransformerLM`: a decoder-only, character-level Transformer (GPT-2 layout: learned
+  positions, pre-LN blocks, tied LM head; Radford et al. 2019) whose feed-forward sublayers are
+  Mixture-of-Experts layers (Shazeer et al. 2017; Switch Transformer, Fedus et al. 2022).
+* :class:`MoEClassifier`: an MNIST-1D classifier (Greydanus 2020) built from the same block, with a
+  small convolutional stem that turns the 40-sample signal into a short sequence of tokens.
+
+Every block keeps its feed-forward at ``block.ffn``: a :class:`~moe_course.layers.SparseMoE`, a
+:class:`~moe_course.layers.SoftMoE` or a plain :class:`DenseFFN`, so compression code finds the
+MoE layers by walking ``model.modules()`` and leaves dense baselines alone.
+
+The training loss is ``task loss + aux_loss_weight * sum_l balance_l + z_loss_weight * sum_l z_l``
+(Switch eq. 4 summed over the MoE layers, ST-MoE eq. 5), see :meth:`aux_loss`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe_course.dispatch import STRATEGIES as DISPATCH_STRATEGIES
+from moe_course.layers import MoELayer, SoftMoE, SparseMoE, moe_layers
+from moe_course.train import TrainConfig
+
+FFN_KINDS = ("moe", "soft", "dense")
+ACTIVATIONS = ("gelu", "swiglu")
+MIXERS = ("conv", "attention", "none")
+MODEL_NAMES = ("shakespeare-moe", "mnist1d-moe")
+PRESET_NAMES = ("cpu", "gpu", "test")
+
+
+# --------------------------------------------------------------------------------------------
+# configs
+# --------------------------------------------------------------------------------------------
+def _check_int(name: str, value: Any, lo: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < lo:
+        raise ValueError(f"{name} must be >= {lo}, got {value}")
+
+
+def _check_float(name: str, value: Any, lo: float = 0.0, hi: float = math.inf) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    if not (lo <= value <= hi) or math.isnan(value):
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
+
+
+@dataclass
+class _FFNConfig:
+    """Fields shared by both model families (the blocks and their feed-forward).
+
+    ``ffn``: ``"moe"`` (sparse top-``k`` of ``num_experts``), ``"soft"`` (every expert, softmax
+    mix) or ``"dense"`` (one MLP of width ``d_hidden``). ``capacity_factor=None`` drops no token;
+    ``num_shared_experts`` adds always-on experts; ``dispatch`` picks the token->expert strategy.
+    ``aux_loss_weight`` / ``z_loss_weight`` weight the Switch balance loss and the router z-loss.
+    """
+
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    ffn: str = "moe"
+    num_experts: int = 8
+    k: int = 2
+    d_hidden: int = 256
+    activation: str = "gelu"
+    capacity_factor: float | None = None
+    num_shared_experts: int = 0
+    dispatch: str = "auto"
+    noisy: bool = False
+    dropout: float = 0.0
+    aux_loss_weight: float = 0.01
+    z_loss_weight: float = 1e-3
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError``/``TypeError`` naming the first bad field."""
+        for name in ("d_model", "n_layers", "n_heads", "num_experts", "k", "d_hidden"):
+            _check_int(name, getattr(self, name))
+        _check_int("num_shared_experts", self.num_shared_experts, lo=0)
+        if self.d_model % self.n_heads:
+            raise ValueError(f"n_heads={self.n_heads} must divide d_model={self.d_model}")
+        if self.ffn not in FFN_KINDS:
+            raise ValueError(f"ffn must be one of {FFN_KINDS}, got {self.ffn!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if self.ffn == "moe" and self.k > self.num_experts:
+            raise ValueError(f"k must be in [1, num_experts={self.num_experts}], got {self.k}")
+        if self.capacity_factor is not None:
+            _check_float("capacity_factor", self.capacity_factor)
+            if self.capacity_factor <= 0:
+                raise ValueError(f"capacity_factor must be > 0 or None, got {self.capacity_factor}")
+        if self.dispatch != "auto" and self.dispatch not in DISPATCH_STRATEGIES:
+            raise ValueError(f"dispatch must be one of {DISPATCH_STRATEGIES + ('auto',)}, got {self.dispatch!r}")
+        if not isinstance(self.noisy, bool):
+            raise TypeError(f"noisy must be a bool, got {type(self.noisy).__name__}")
+        _check_float("dropout", self.dropout, 0.0, 1.0)
+        if self.dropout >= 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        _check_float("aux_loss_weight", self.aux_loss_weight)
+        _check_float("z_loss_weight", self.z_loss_weight)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict of every field."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]):
+        """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError`` naming them."""
+        if not isinstance(d, Mapping):
+            raise TypeError(f"d must be a mapping, got {type(d).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; valid fields: {sorted(known)}")
+        return cls(**dict(d))
+
+    def replace(self, **changes: Any):
+        """A validated copy with some fields changed (``dataclasses.replace``)."""
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class LMConfig(_FFNConfig):
+    """Configuration of :class:`MoETransformerLM` (character level)."""
+
+    vocab_size: int = 96
+    context_length: int = 128
+
+    def validate(self) -> None:
+        super().validate()
+        _check_int("vocab_size", self.vocab_size, lo=2)
+        _check_int("context_length", self.context_length)
+
+
+@dataclass
+class ClassifierConfig(_FFNConfig):
+    """Configuration of :class:`MoEClassifier` (MNIST-1D by default: 40 samples, 10 classes).
+
+    ``stride`` of the stem sets the number of tokens per example (``input_length / stride``);
+    ``mixer`` is the token-mixing sublayer of every block: a depthwise convolution (cheap, and the
+    inductive bias that makes CNNs strong on MNIST-1D), self-attention, or none.
+    """
+
+    input_length: int = 40
+    num_classes: int = 10
+    stride: int = 2
+    mixer: str = "conv"
+    kernel_size: int = 5
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("input_length", "stride", "kernel_size"):
+            _check_int(name, getattr(self, name))
+        _check_int("num_classes", self.num_classes, lo=2)
+        if self.stride > self.input_length:
+            raise ValueError(f"stride must be <= input_length={self.input_length}, got {self.stride}")
+        if self.mixer not in MIXERS:
+            raise ValueError(f"mixer must be one of {MIXERS}, got {self.mixer!r}")
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens per example after the stem."""
+        return (self.input_length - 1) // self.stride + 1
+
+
+# --------------------------------------------------------------------------------------------
+# building blocks
+# --------------------------------------------------------------------------------------------
+class DenseFFN(nn.Module):
+    """The Transformer MLP (Vaswani et al. 2017, eq. 2) or its SwiGLU form (Shazeer 2020).
+
+    Plain ``nn.Linear`` layers, deliberately not an ``Experts(1, ...)``: compression code treats a
+    dense baseline as non-MoE.
+    """
+
+    def __init__(self, d_model: int, d_hidden: int, activation: str = "gelu") -> None:
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        self.activation = activation
+        self.fc_in = nn.Linear(d_model, d_hidden)
+        self.fc_gate = nn.Linear(d_model, d_hidden) if activation == "swiglu" else None
+        self.fc_out = nn.Linear(d_hidden, d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fc_gate is None:
+            h = F.gelu(self.fc_in(x))
+        else:
+            h = F.silu(self.fc_gate(x)) * self.fc_in(x)
+        return self.fc_out(h)
+
+
+def make_ffn(cfg: _FFNConfig) -> nn.Module:
+    """The feed-forward sublayer ``cfg.ffn`` asks for."""
+    if cfg.ffn == "dense":
+        return DenseFFN(cfg.d_model, cfg.d_hidden, cfg.activation)
+    if cfg.ffn == "soft":
+        return SoftMoE(cfg.d_model, cfg.num_experts, cfg.d_hidden, activation=cfg.activation)
+    return SparseMoE(
+        cfg.d_model,
+        cfg.num_experts,
+        cfg.d_hidden,
+        k=cfg.k,
+        capacity_factor=cfg.capacity_factor,
+        num_shared_experts=cfg.num_shared_experts,
+        dispatch=cfg.dispatch,
+        activation=cfg.activation,
+        noisy=cfg.noisy,
+    )
+
+
+class SelfAttention(nn.Module):
+    """Multi-head scaled dot-product self-attention (Vaswani et al. 2017, eq. 1)."""
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, causal: bool = True) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.causal = causal
+        self.dropout = dropout
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=self.causal, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+class DepthwiseConvMixer(nn.Module):
+    """Token mixing by a depthwise 1-D convolution along the sequence (ConvMixer-style)."""
+
+    def __init__(self, d_model: int, kernel_size: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(d_model, d_model, kernel_size, padding=kernel_size // 2, groups=d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x.transpose(1, 2)).transpose(1, 2)[:, : x.shape[1]]
+
+
+class Block(nn.Module):
+    """Pre-LN residual block: ``x + mix(LN(x))`` then ``x + ffn(LN(x))`` (Xiong et al. 2020)."""
+
+    def __init__(self, cfg: _FFNConfig, mixer: nn.Module | None) -> None:
+        super().__init__()
+        self.ln_mix = nn.LayerNorm(cfg.d_model) if mixer is not None else None
+        self.mixer = mixer
+        self.ln_ffn = nn.LayerNorm(cfg.d_model)
+        self.ffn = make_ffn(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mixer is not None:
+            x = x + self.drop(self.mixer(self.ln_mix(x)))
+        return x + self.drop(self.ffn(self.ln_ffn(x)))
+
+
+class _MoEModel(nn.Module):
+    """What both model families share: blocks, aux losses, init."""
+
+    config: _FFNConfig
+    blocks: nn.ModuleList
+
+    def moe_layers(self) -> list[MoELayer]:
+        """The MoE layers, in order."""
+        return moe_layers(self)
+
+    def _aux_parts(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Sum over MoE layers of the unweighted balance and z losses of the last forward."""
+        zero = next(self.parameters()).new_zeros(())
+        balance, z, n = zero, zero, 0
+        for layer in self.moe_layers():
+            aux = getattr(layer, "aux_losses", None) or {}
+            if "balance" in aux:
+                balance = balance + aux["balance"]
+            if "z" in aux:
+                z = z + aux["z"]
+            n += 1
+        return balance, z, n
+
+    def aux_loss(self) -> torch.Tensor:
+        """``aux_loss_weight * sum_l balance_l + z_loss_weight * sum_l z_l`` of the last forward.
+
+        Switch Transformer eq. 4 (alpha = ``aux_loss_weight``) and ST-MoE eq. 5; zero for dense models.
+        """
+        balance, z, _ = self._aux_parts()
+        return self.config.aux_loss_weight * balance + self.config.z_loss_weight * z
+
+    def _aux_metrics(self) -> tuple[torch.Tensor, dict[str, float]]:
+        balance, z, n = self._aux_parts()
+        aux = self.config.aux_loss_weight * balance + self.config.z_loss_weight * z
+        n = max(n, 1)
+        # Reported per layer (1.0 = perfectly balanced) so numbers do not grow with depth.
+        return aux, {"balance": float(balance.detach()) / n, "z": float(z.detach()) / n}
+
+    def _init_weights(self) -> None:
+        """GPT-2 init for the modules defined here; MoE layers keep their own initialisation."""
+        moe_params = {id(p) for layer in self.moe_layers() for p in layer.parameters()}
+        resid_std = 0.02 / math.sqrt(2 * self.config.n_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)) and id(module.weight) not in moe_params:
+                std = resid_std if name.endswith(("proj", "fc_out")) else 0.02
+                nn.init.normal_(module.weight, 0.0, std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+
+    def num_parameters(self) -> int:
+        """Number of parameters (tied weights counted once)."""
+        return sum(p.numel() for p in self.parameters())
+
+
+# --------------------------------------------------------------------------------------------
+# language model
+# --------------------------------------------------------------------------------------------
+class MoETransformerLM(_MoEModel):
+    """Decoder-only character-level MoE Transformer (GPT-2 layout, Switch-style MoE feed-forwards).
+
+    ``forward(input_ids [B, T]) -> logits [B, T, vocab_size]`` with ``T <= context_length``.
+    The LM head is tied to the token embedding (Press & Wolf 2017). ``.tokenizer`` is set by the
+    zoo (a :class:`moe_course.data.CharTokenizer`) and used by :meth:`generate_text`.
+    """
+
+    def __init__(self, cfg: LMConfig) -> None:
+        super().__init__()
+        if not isinstance(cfg, LMConfig):
+            raise TypeError(f"cfg must be an LMConfig, got {type(cfg).__name__}")
+        cfg.validate()
+        self.config = cfg
+        self.tokenizer = None
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.context_length, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(
+            Block(cfg, SelfAttention(cfg.d_model, cfg.n_heads, cfg.dropout, causal=True))
+            for _ in range(cfg.n_layers)
+        )
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self._init_weights()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids: expected shape [B, T], got {tuple(input_ids.shape)}")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+        t = input_ids.shape[1]
+        if not 1 <= t <= self.config.context_length:
+            raise ValueError(
+                f"input_ids: sequence length must be in [1, context_length={self.config.context_length}], got {t}"
+            )
+        pos = torch.arange(t, device=input_ids.device)
+        x = self.drop(self.tok_emb(input_ids) + self.pos_emb(pos))
+        for block in self.blocks:
+            x = block(x)
+        return F.linear(self.ln_f(x), self.tok_emb.weight)
+
+    def compute_loss(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        """Next-token cross-entropy plus the weighted aux losses.
+
+        ``batch["input_ids"]`` is ``[B, T+1]``: the model reads the first ``T`` ids and predicts the
+        last ``T``. Metrics: ``lm_loss`` (the cross-entropy alone), ``balance`` and ``z`` (per MoE layer).
+        """
+        if "input_ids" not in batch:
+            raise KeyError(f"batch must have 'input_ids', got keys {sorted(batch)}")
+        ids = batch["input_ids"]
+        if ids.dim() != 2 or ids.shape[1] < 2:
+            raise ValueError(f"batch['input_ids']: expected shape [B, T+1] with T >= 1, got {tuple(ids.shape)}")
+        logits = self(ids[:, :-1])
+        lm_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
+        aux, metrics = self._aux_metrics()
+        return lm_loss + aux, {"lm_loss": float(lm_loss.detach()), **metrics}
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt_ids: torch.Tensor | list[int],
+        max_new_tokens: int = 200,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Sample ``max_new_tokens`` continuations autoregressively (temperature 0 = greedy).
+
+        ``prompt_ids`` is a list, a ``[T]`` or a ``[B, T]`` tensor; the result has the same rank and
+        includes the prompt. The window slides over the last ``context_length`` ids.
+        """
+        _check_int("max_new_tokens", max_new_tokens, lo=0)
+        _check_float("temperature", temperature)
+        if top_k is not None:
+            _check_int("top_k", top_k)
+        device = next(self.parameters()).device
+        ids = torch.as_tensor(prompt_ids, dtype=torch.long, device=device)
+        squeeze = ids.dim() == 1
+        if squeeze:
+            ids = ids.unsqueeze(0)
+        if ids.dim() != 2 or ids.shape[1] == 0:
+            raise ValueError(f"prompt_ids: expected a non-empty [T] or [B, T] sequence, got shape {tuple(ids.shape)}")
+        was_training = self.training
+        self.eval()
+        try:
+            for _ in range(max_new_tokens):
+                logits = self(ids[:, -self.config.context_length :])[:, -1].float()
+                if temperature == 0:
+                    nxt = logits.argmax(-1, keepdim=True)
+                else:
+                    logits = logits / temperature
+                    if top_k is not None and top_k < logits.shape[-1]:
+                        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+                        logits = logits.masked_fill(logits < kth, float("-inf"))
+                    probs = torch.softmax(logits, dim=-1)
+                    if generator is not None and generator.device != probs.device:
+                        nxt = torch.multinomial(probs.cpu(), 1, generator=generator).to(device)
+                    else:
+                        nxt = torch.multinomial(probs, 1, generator=generator)
+                ids = torch.cat([ids, nxt], dim=1)
+        finally:
+            self.train(was_training)
+        return ids[0] if squeeze else ids
+
+    def generate_text(self, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8,
+                      top_k: int | None = None, seed: int | None = 0) -> str:
+        """Encode ``prompt`` with ``.tokenizer``, :meth:`generate`, decode (prompt included)."""
+        if self.tokenizer is None:
+            raise ValueError("this model has no .tokenizer; set one (moe_course.data.CharTokenizer) first")
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        ids = self.generate(self.tokenizer.encode(prompt), max_new_tokens, temperature, top_k, gen)
+        return self.tokenizer.decode(ids.tolist())
+
+
+# --------------------------------------------------------------------------------------------
+# classifier
+# --------------------------------------------------------------------------------------------
+class MoEClassifier(_MoEModel):
+    """MNIST-1D classifier: conv stem -> pre-LN blocks (token mixer + MoE feed-forward) -> mean pool -> linear.
+
+    The stem (two ``Conv1d``) turns the ``[B, input_length]`` signal into ``num_tokens`` position
+    tokens of width ``d_model``; each MoE layer routes all ``B * num_tokens`` tokens.
+    Returns logits ``[B, num_classes]``.
+    """
+
+    def __init__(self, cfg: ClassifierConfig) -> None:
+        super().__init__()
+        if not isinstance(cfg, ClassifierConfig):
+            raise TypeError(f"cfg must be a ClassifierConfig, got {type(cfg).__name__}")
+        cfg.validate()
+        self.config = cfg
+        self.stem = nn.Sequential(
+            nn.Conv1d(1, cfg.d_model, cfg.kernel_size, padding=cfg.kernel_size // 2),
+            nn.GELU(),
+            nn.Conv1d(cfg.d_model, cfg.d_model, 3, stride=cfg.stride, padding=1),
+        )
+        self.pos_emb = nn.Parameter(torch.zeros(cfg.num_tokens, cfg.d_model))
+        self.drop = nn.Dropout(cfg.dropout)
+
+        def mixer() -> nn.Module | None:
+            if cfg.mixer == "conv":
+                return DepthwiseConvMixer(cfg.d_model, cfg.kernel_size)
+            if cfg.mixer == "attention":
+                return SelfAttention(cfg.d_model, cfg.n_heads, cfg.dropout, causal=False)
+            return None
+
+        self.blocks = nn.ModuleList(Block(cfg, mixer()) for _ in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, cfg.num_classes)
+        self._init_weights()
+        nn.init.normal_(self.pos_emb, 0.0, 0.02)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Token sequence ``[B, num_tokens, d_model]`` after the last block (before pooling)."""
+        if x.dim() != 2 or x.shape[1] != self.config.input_length:
+            raise ValueError(f"x: expected shape [B, input_length={self.config.input_length}], got {tuple(x.shape)}")
+        h = self.stem(x.float().unsqueeze(1)).transpose(1, 2)
+        h = self.drop(h + self.pos_emb)
+        for block in self.blocks:
+            h = block(h)
+        return self.ln_f(h)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).mean(dim=1))
+
+    def compute_loss(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        """Cross-entropy plus the weighted aux losses; metrics ``ce``, ``accuracy``, ``balance``, ``z``."""
+        if "x" not in batch or "y" not in batch:
+            raise KeyError(f"batch must have 'x' and 'y', got keys {sorted(batch)}")
+        logits = self(batch["x"])
+        y = batch["y"].long()
+        ce = F.cross_entropy(logits.float(), y)
+        aux, metrics = self._aux_metrics()
+        acc = (logits.argmax(-1) == y).float().mean()
+        return ce + aux, {"ce": float(ce.detach()), "accuracy": float(acc), **metrics}
+
+
+# --------------------------------------------------------------------------------------------
+# presets
+# --------------------------------------------------------------------------------------------
+def _presets() -> dict[tuple[str, str], tuple[_FFNConfig, TrainConfig]]:
+    # cpu: measured to train in about a minute on 2 cores (the zoo records train_seconds); the LM
+    # is small and short-trained (validation perplexity ~7-9 on unseen plays, seed-dependent),
+    # the classifier reaches ~98% on MNIST-1D test; both leave visible room for compression damage.
+    return {
+        ("test", "shakespeare-moe"): (
+            LMConfig(d_model=32, n_layers=2, n_heads=2, num_experts=4, k=2, d_hidden=32, context_length=32),
+            TrainConfig(steps=30, batch_size=16, lr=3e-3, warmup_steps=5, eval_every=0, eval_batches=4),
+        ),
+        ("test", "mnist1d-moe"): (
+            ClassifierConfig(d_model=32, n_layers=1, n_heads=2, num_experts=4, k=2, d_hidden=32),
+            TrainConfig(steps=30, batch_size=64, lr=3e-3, warmup_steps=5, eval_every=0, eval_batches=4),
+        ),
+        ("cpu", "shakespeare-moe"): (
+            LMConfig(d_model=96, n_layers=4, n_heads=4, num_experts=8, k=2, d_hidden=64,
+                     activation="swiglu", context_length=64),
+            TrainConfig(steps=600, batch_size=32, lr=3e-3, warmup_steps=50, eval_every=200, eval_batches=8),
+        ),
+        ("cpu", "mnist1d-moe"): (
+            ClassifierConfig(d_model=64, n_layers=3, n_heads=4, num_experts=8, k=2, d_hidden=64,
+                             activation="swiglu"),
+            TrainConfig(steps=600, batch_size=128, lr=3e-3, warmup_steps=50, eval_every=200, eval_batches=8),
+        ),
+        ("gpu", "shakespeare-moe"): (
+            LMConfig(d_model=384, n_layers=6, n_heads=6, num_experts=8, k=2, d_hidden=512,
+                     activation="swiglu", context_length=256, dropout=0.1),
+            TrainConfig(steps=5000, batch_size=64, lr=1e-3, warmup_steps=200, eval_every=500, eval_batches=32),
+        ),
+        ("gpu", "mnist1d-moe"): (
+            ClassifierConfig(d_model=128, n_layers=4, n_heads=4, num_experts=8, k=2, d_hidden=128,
+                             activation="swiglu", dropout=0.1),
+            TrainConfig(steps=6000, batch_size=256, lr=2e-3, warmup_steps=300, eval_every=1000, eval_batches=16),
+        ),
+    }
+
+
+def preset(name: str = "auto", model: str = "shakespeare-moe") -> tuple[_FFNConfig, TrainConfig]:
+    """The (model config, :class:`~moe_course.train.TrainConfig`) of a zoo model at a size preset.
+
+    ``name``: ``"cpu"`` (about a minute on 2 CPU cores), ``"gpu"`` (larger, trains longer),
+    ``"test"`` (seconds, for the test suite) or ``"auto"`` (:func:`moe_course.device.default_preset`).
+    ``model``: one of :data:`MODEL_NAMES`. The LM's ``vocab_size`` is a placeholder that the zoo
+    replaces by its tokenizer's size.
+    """
+    if name == "auto":
+        from moe_course.device import default_preset
+
+        name = default_preset()
+    if name not in PRESET_NAMES:
+        raise ValueError(f"preset name must be one of {PRESET_NAMES + ('auto',)}, got {name!r}")
+    if model not in MODEL_NAMES:
+        raise ValueError(f"model must be one of {MODEL_NAMES}, got {model!r}")
+    model_cfg, train_cfg = _presets()[(name, model)]
+    return model_cfg, train_cfg
+
+
+def model_from_config(cfg: _FFNConfig) -> _MoEModel:
+    """Build the model class a config belongs to."""
+    if isinstance(cfg, LMConfig):
+        return MoETransformerLM(cfg)
+    if isinstance(cfg, ClassifierConfig):
+        return MoEClassifier(cfg)
+    raise TypeError(f"cfg must be an LMConfig or ClassifierConfig, got {type(cfg).__name__}")
+
+
+__all__ = [
+    "LMConfig",
+    "ClassifierConfig",
+    "DenseFFN",
+    "SelfAttention",
+    "Block",
+    "MoETransformerLM",
+    "MoEClassifier",
+    "preset",
+    "model_from_config",
+    "MODEL_NAMES",
+    "PRESET_NAMES",
+]
