@@ -17,6 +17,7 @@ The training loss is ``task loss + aux_loss_weight * sum_l balance_l + z_loss_we
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -30,6 +31,25 @@ from moe_course.layers import MoELayer, SoftMoE, SparseMoE, moe_layers
 from moe_course.train import TrainConfig
 
 FFN_KINDS = ("moe", "soft", "dense")
+# Feed-forward kinds added by other modules (e.g. moe_course.factorized registers "mumoe-cp" and
+# "mumoe-tr"): name -> builder(cfg) -> nn.Module. Modules named here are imported on first use.
+_FFN_BUILDERS: dict[str, Any] = {}
+_FFN_PROVIDERS = {"mumoe-cp": "moe_course.factorized", "mumoe-tr": "moe_course.factorized"}
+
+
+def register_ffn(name: str, builder) -> None:
+    """Make ``ffn=name`` in a model config build its feed-forward with ``builder(cfg)``."""
+    if not isinstance(name, str) or not name or name in FFN_KINDS:
+        raise ValueError(f"name must be a new non-empty string (not one of {FFN_KINDS}), got {name!r}")
+    if not callable(builder):
+        raise TypeError(f"builder must be callable(cfg) -> nn.Module, got {type(builder).__name__}")
+    _FFN_BUILDERS[name] = builder
+
+
+def _ffn_builder(name: str):
+    if name not in _FFN_BUILDERS and name in _FFN_PROVIDERS:
+        importlib.import_module(_FFN_PROVIDERS[name])  # registers its kinds on import
+    return _FFN_BUILDERS.get(name)
 ACTIVATIONS = ("gelu", "swiglu")
 MIXERS = ("conv", "attention", "none")
 MODEL_NAMES = ("shakespeare-moe", "mnist1d-moe")
@@ -78,6 +98,7 @@ class _FFNConfig:
     dropout: float = 0.0
     aux_loss_weight: float = 0.01
     z_loss_weight: float = 1e-3
+    ffn_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # extra args of registered kinds
 
     def __post_init__(self) -> None:
         self.validate()
@@ -89,8 +110,11 @@ class _FFNConfig:
         _check_int("num_shared_experts", self.num_shared_experts, lo=0)
         if self.d_model % self.n_heads:
             raise ValueError(f"n_heads={self.n_heads} must divide d_model={self.d_model}")
-        if self.ffn not in FFN_KINDS:
-            raise ValueError(f"ffn must be one of {FFN_KINDS}, got {self.ffn!r}")
+        if self.ffn not in FFN_KINDS and _ffn_builder(self.ffn) is None:
+            known = FFN_KINDS + tuple(sorted(set(_FFN_BUILDERS) | set(_FFN_PROVIDERS)))
+            raise ValueError(f"ffn must be one of {known}, got {self.ffn!r}")
+        if not isinstance(self.ffn_options, dict):
+            raise TypeError(f"ffn_options must be a dict, got {type(self.ffn_options).__name__}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if self.ffn == "moe" and self.k > self.num_experts:
@@ -110,8 +134,12 @@ class _FFNConfig:
         _check_float("z_loss_weight", self.z_loss_weight)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict of every field."""
-        return dataclasses.asdict(self)
+        """Plain JSON-able dict of every field (``ffn_options`` only when set, so configs of the
+        built-in kinds, and the zoo cache keys hashed from them, stay as they were)."""
+        d = dataclasses.asdict(self)
+        if not d["ffn_options"]:
+            del d["ffn_options"]
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]):
@@ -202,6 +230,8 @@ class DenseFFN(nn.Module):
 
 def make_ffn(cfg: _FFNConfig) -> nn.Module:
     """The feed-forward sublayer ``cfg.ffn`` asks for."""
+    if cfg.ffn not in FFN_KINDS:
+        return _ffn_builder(cfg.ffn)(cfg)
     if cfg.ffn == "dense":
         return DenseFFN(cfg.d_model, cfg.d_hidden, cfg.activation)
     if cfg.ffn == "soft":
