@@ -336,8 +336,10 @@ class _MoEModel(nn.Module):
         return aux, {"balance": float(balance.detach()) / n, "z": float(z.detach()) / n}
 
     def _init_weights(self) -> None:
-        """GPT-2 init for the modules defined here; MoE layers keep their own initialisation."""
-        moe_params = {id(p) for layer in self.moe_layers() for p in layer.parameters()}
+        """GPT-2 init for attention and embeddings. Feed-forwards (MoE experts, dense MLPs and any
+        registered kind) keep their own U(+-1/sqrt(fan_in)) initialisation, so that an MoE and its
+        dense baseline start alike and comparisons between them measure the architecture."""
+        moe_params = {id(p) for block in self.blocks for p in block.ffn.parameters()}
         resid_std = 0.02 / math.sqrt(2 * self.config.n_layers)
         for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)) and id(module.weight) not in moe_params:
