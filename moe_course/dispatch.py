@@ -83,13 +83,17 @@ def _loop(x, weights, indices, experts, keep):
     token, flat_idx, flat_w = _flatten(weights, indices, keep)
     out = x.new_zeros(x.shape)
     counts = torch.bincount(flat_idx, minlength=experts.num_experts).tolist()
+    # unbind once: indexing w[e] per expert would make backward allocate a full-size zero
+    # gradient for every expert; unbind's backward stacks the per-expert gradients once.
+    w_in, w_gate, w_out = (None if w is None else w.unbind(0) for w in experts.weights(x.dtype))
     for e, n in enumerate(counts):
         if n == 0:
             continue  # an expert no token chose costs nothing
         sel = torch.nonzero(flat_idx == e).squeeze(1)
         tok = token[sel]
-        y = experts.expert_forward(e, x[tok]) * flat_w[sel, None]
-        out.index_add_(0, tok, y)  # in place on a fresh buffer: autograd-safe, no T x d copies
+        xe = x[tok]
+        h = experts.act(xe @ w_in[e], xe @ w_gate[e] if w_gate is not None else None)
+        out.index_add_(0, tok, (h @ w_out[e]) * flat_w[sel, None])  # in place on a fresh buffer
     return out
 
 
