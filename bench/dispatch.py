@@ -18,7 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from moe_course.dispatch import AUTO, dispatch
+from moe_course.dispatch import dispatch, resolve_strategy
 from moe_course.layers import Experts, TopKRouter
 
 
@@ -85,10 +85,11 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    default = AUTO.get(device.type, "loop")
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
-          f"auto -> {default!r}, grouped_mm available: {hasattr(F, 'grouped_mm')}")
+          f"grouped_mm available: {hasattr(F, 'grouped_mm')}")
     for tokens in (4096, 64):
+        default = resolve_strategy("auto", device, tokens * 2)
+        print(f"\n== T={tokens}: auto -> {default!r}")
         for backward in (False, True):
             rounds = (5 if args.quick else 15) if tokens == 4096 else (20 if args.quick else 60)
             naive_rounds = 1 if (tokens == 4096 and backward) else (2 if tokens == 4096 else rounds)

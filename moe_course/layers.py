@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .dispatch import STRATEGIES, capacity_mask, dispatch, resolve_strategy
+from .dispatch import STRATEGIES, capacity_mask, dispatch
 from .losses import load_balancing_loss, router_z_loss
 
 ACTIVATIONS = ("gelu", "swiglu")
@@ -338,7 +338,7 @@ class SparseMoE(MoELayer):
         cap = self.capacity(flat.shape[0])
         if cap is not None:
             r = replace(r, keep=capacity_mask(r.indices, self.num_experts, cap))
-        y = dispatch(flat, r.weights, r.indices, self.experts, resolve_strategy(self.dispatch, flat.device), r.keep)
+        y = dispatch(flat, r.weights, r.indices, self.experts, self.dispatch, r.keep)
         if self.shared is not None:
             y = y + self.shared.forward_all(flat).sum(dim=0)
         self._record(r)
