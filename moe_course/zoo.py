@@ -16,6 +16,7 @@ process wait for the first one's training instead of training again.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -131,6 +132,7 @@ def _entry_path(spec: dict[str, Any], root: str | os.PathLike | None) -> Path:
 # --------------------------------------------------------------------------------------------
 # data
 # --------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=8)  # chapters ask repeatedly; Datasets are immutable, so sharing is safe
 def _build_data(name: str, preset: str) -> tuple[dict[str, Any], Any]:
     """``({"train", "validation"}, tokenizer or None)`` exactly as the zoo trains and evaluates."""
     from moe_course import data as _data
@@ -156,7 +158,7 @@ def data(name: str, preset: str = "auto") -> dict[str, Any]:
     (encoded with the model's tokenizer), MNIST-1D train/test rows for ``mnist1d-moe``."""
     _check_name(name)
     preset = _resolve_preset(preset)
-    return _build_data(name, preset)[0]
+    return dict(_build_data(name, preset)[0])
 
 
 # --------------------------------------------------------------------------------------------
