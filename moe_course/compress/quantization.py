@@ -1,0 +1,456 @@
+r"""Weight-only round-to-nearest (RTN) quantization of MoE experts, with honest packed storage.
+
+From scratch (chapter 5):
+
+* :func:`quantize_tensor` / :func:`dequantize_tensor`: symmetric absmax and asymmetric
+  zero-point quantization, per tensor, per channel (one scale per row) or group-wise (groups of
+  ``group_size`` consecutive elements of a row). One formula dequantizes both schemes:
+
+  .. math::
+      \hat w = (q - z)\,s, \qquad q \in \{0, \dots, 2^b - 1\}
+
+  asymmetric: :math:`s = (\max(w,0) - \min(w,0)) / (2^b - 1)`, :math:`z = \mathrm{round}(-\min(w,0)/s)`;
+  symmetric (absmax): :math:`s = \max|w| / (2^{b-1} - 1)`, :math:`z = 2^{b-1}` (the signed code
+  ``q - z`` lies in :math:`[-2^{b-1}, 2^{b-1}-1]`). Rounding to nearest gives
+  :math:`|w - \hat w| \le s/2` for every element. A group of zeros gets :math:`s = 0` and comes
+  back as exact zeros.
+* :func:`fake_quantize`: quantize-then-dequantize (optionally with a straight-through gradient).
+* :func:`pack_codes` / :func:`unpack_codes`: ``b``-bit codes packed densely, 8 codes in ``b``
+  bytes (two 4-bit codes per byte, four 2-bit codes per byte, 8 three-bit codes in 3 bytes, one
+  8-bit code per byte), so bytes measured by :func:`moe_course.metrics.size_report` are real.
+
+Package (MoQE, Kim et al. 2023: experts tolerate low bits; Frantar & Alistarh 2024, QMoE):
+
+* :class:`QuantizedExperts`: a :class:`~moe_course.layers.Experts` whose weights are packed
+  uint8 codes + fp16 scales + uint8 zero points (buffers), dequantized on the fly in
+  :meth:`QuantizedExperts.weights`, so every dispatch strategy works unchanged.
+* :func:`quantize`: returns a quantized copy of a model (experts only, or experts plus the other
+  ``nn.Linear`` layers and embeddings); routers always stay fp32.
+* :func:`mixed_precision_bits`: more bits for busy experts, fewer for rare ones, at a fixed
+  average bit budget, from :func:`moe_course.metrics.routing_stats`.
+
+Storage layout: weights are stored as ``[out_features, in_features]`` rows (``w_in[i]`` is kept
+transposed), so groups run along the input (reduction) dimension, as in GPTQ/AWQ and torchao.
+Bits per weight: ``b + (16 + 8) / g`` with fp16 scale and uint8 zero point per group of ``g``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from moe_course.layers import Experts, moe_layers
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+GRANULARITIES = ("tensor", "channel", "group")
+TARGETS = ("experts", "all")
+
+__all__ = [
+    "SUPPORTED_BITS", "quantize_tensor", "dequantize_tensor", "fake_quantize", "pack_codes",
+    "unpack_codes", "QuantizedExperts", "QuantizedLinear", "QuantizedEmbedding", "quantize",
+    "mixed_precision_bits", "bits_per_weight",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# from scratch: quantize / dequantize one tensor
+# --------------------------------------------------------------------------------------------
+def _check_bits(bits, name: str = "bits") -> None:
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS:
+        raise ValueError(f"{name}: expected one of {SUPPORTED_BITS}, got {bits!r}")
+
+
+def _group_width(w: torch.Tensor, granularity: str, group_size: int | None) -> int:
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity: expected one of {GRANULARITIES}, got {granularity!r}")
+    if w.dim() == 0 or w.numel() == 0:
+        raise ValueError(f"w: expected a non-empty tensor with at least one dimension, got shape {tuple(w.shape)}")
+    if granularity == "tensor":
+        return w.numel()
+    if granularity == "channel":
+        return w.shape[-1]
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size: expected a positive int for granularity='group', got {group_size!r}")
+    if w.shape[-1] % group_size:
+        raise ValueError(f"group_size: must divide the last dimension {w.shape[-1]}, got {group_size}")
+    return group_size
+
+
+def quantize_tensor(
+    w: torch.Tensor,
+    bits: int,
+    symmetric: bool = False,
+    granularity: str = "tensor",
+    group_size: int | None = None,
+    scale_dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest quantization of ``w``: ``(codes, scale, zero)``.
+
+    ``codes`` uint8 with ``w``'s shape, values in ``[0, 2^bits - 1]``; ``scale`` (``scale_dtype``)
+    and ``zero`` (uint8) of shape ``[n_groups, 1]`` for the row-major view ``w.reshape(n_groups, g)``
+    where ``g`` is ``w.numel()`` (tensor), ``w.shape[-1]`` (channel) or ``group_size`` (group).
+    Asymmetric ranges include 0 so that zero is exact; symmetric is absmax.
+    """
+    if not torch.is_tensor(w) or not w.is_floating_point():
+        raise TypeError(f"w: expected a floating-point tensor, got {type(w).__name__}")
+    _check_bits(bits)
+    g = _group_width(w, granularity, group_size)
+    x = w.detach().float().reshape(-1, g)
+    levels = 2 ** bits - 1
+    if symmetric:
+        zero = torch.full((x.shape[0], 1), 2 ** (bits - 1), dtype=torch.float32, device=x.device)
+        scale = x.abs().amax(dim=1, keepdim=True) / (2 ** (bits - 1) - 1)
+    else:
+        lo = x.amin(dim=1, keepdim=True).clamp(max=0)
+        hi = x.amax(dim=1, keepdim=True).clamp(min=0)
+        scale = (hi - lo) / levels
+    scale = scale.to(scale_dtype).float()  # quantize against the scale we will actually store
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    if not symmetric:
+        zero = torch.round(-lo / safe).clamp(0, levels)
+    codes = torch.clamp(torch.round(x / safe) + zero, 0, levels)
+    codes = torch.where(scale > 0, codes, zero.expand_as(codes))  # zero group -> exact zeros
+    return codes.to(torch.uint8).reshape(w.shape), scale.to(scale_dtype), zero.to(torch.uint8)
+
+
+def dequantize_tensor(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``(codes - zero) * scale`` group by group; the inverse of :func:`quantize_tensor` up to rounding."""
+    if scale.numel() == 0 or codes.numel() % scale.numel():
+        raise ValueError(f"scale: {scale.numel()} groups do not divide {codes.numel()} codes")
+    g = codes.numel() // scale.numel()
+    x = (codes.reshape(-1, g).float() - zero.reshape(-1, 1).float()) * scale.reshape(-1, 1).float()
+    return x.reshape(codes.shape).to(dtype)
+
+
+def fake_quantize(w: torch.Tensor, bits: int, symmetric: bool = False, granularity: str = "tensor",
+                  group_size: int | None = None, ste: bool = False) -> torch.Tensor:
+    """Quantize then dequantize (same dtype and shape as ``w``): the error RTN adds, without the savings.
+
+    ``ste=True`` passes gradients straight through the rounding (Bengio et al. 2013), for QAT.
+    """
+    deq = dequantize_tensor(*quantize_tensor(w, bits, symmetric, granularity, group_size), dtype=w.dtype)
+    return w + (deq - w).detach() if ste else deq
+
+
+# --------------------------------------------------------------------------------------------
+# packing: 8 codes of b bits -> b bytes
+# --------------------------------------------------------------------------------------------
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack ``b``-bit codes densely into a 1-D uint8 tensor of ``ceil(n / 8) * b`` bytes.
+
+    Each run of 8 codes becomes one ``8b``-bit integer (code ``i`` at bits ``[b*i, b*(i+1))``),
+    cut into ``b`` little-endian bytes: for 4 bits, byte ``j`` holds code ``2j`` in its low nibble
+    and code ``2j+1`` in its high nibble.
+    """
+    _check_bits(bits)
+    flat = codes.reshape(-1).to(torch.int64)
+    if flat.numel() and int(flat.max()) >= 2 ** bits:
+        raise ValueError(f"codes: values must be < 2**bits = {2 ** bits}, got max {int(flat.max())}")
+    pad = (-flat.numel()) % 8
+    flat = F.pad(flat, (0, pad)).reshape(-1, 8)
+    shifts = torch.arange(8, device=flat.device) * bits
+    word = (flat << shifts).sum(dim=1, keepdim=True)  # the sum of disjoint bit fields = their OR
+    out = (word >> (torch.arange(bits, device=flat.device) * 8)) & 0xFF
+    return out.to(torch.uint8).reshape(-1)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, shape: int | Sequence[int]) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: uint8 codes of the given ``shape``."""
+    _check_bits(bits)
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    n = math.prod(shape)
+    if packed.numel() != math.ceil(n / 8) * bits:
+        raise ValueError(f"packed: expected {math.ceil(n / 8) * bits} bytes for {n} codes of {bits} bits, "
+                         f"got {packed.numel()}")
+    b = packed.reshape(-1, bits).to(torch.int64)
+    word = (b << (torch.arange(bits, device=b.device) * 8)).sum(dim=1, keepdim=True)
+    codes = (word >> (torch.arange(8, device=b.device) * bits)) & (2 ** bits - 1)
+    return codes.reshape(-1)[:n].to(torch.uint8).reshape(shape)
+
+
+def bits_per_weight(bits: int, group_size: int | None, in_features: int, scale_bits: int = 16,
+                    zero_bits: int = 8) -> float:
+    """Storage bits per weight: ``b`` plus one fp16 scale and one uint8 zero point per group."""
+    g = in_features if group_size is None else group_size
+    return bits + (scale_bits + zero_bits) / g
+
+
+# --------------------------------------------------------------------------------------------
+# packed modules
+# --------------------------------------------------------------------------------------------
+class _Packed(nn.Module):
+    """Shared packing of ``[rows, cols]`` matrices: buffers ``{name}_codes/_scale/_zero``."""
+
+    def _store(self, name: str, w: torch.Tensor, bits: int, group_size: int | None, symmetric: bool,
+               scale_dtype: torch.dtype) -> None:
+        gran = "channel" if group_size is None else "group"
+        codes, scale, zero = quantize_tensor(w, bits, symmetric, gran, group_size, scale_dtype)
+        self.register_buffer(f"{name}_codes", pack_codes(codes, bits))
+        self.register_buffer(f"{name}_scale", scale)
+        self.register_buffer(f"{name}_zero", zero)
+
+    def _load(self, name: str, bits: int, shape: tuple[int, ...], dtype: torch.dtype | None) -> torch.Tensor:
+        codes = unpack_codes(getattr(self, f"{name}_codes"), bits, shape)
+        return dequantize_tensor(codes, getattr(self, f"{name}_scale"), getattr(self, f"{name}_zero"),
+                                 dtype=dtype or torch.float32)
+
+
+class QuantizedExperts(_Packed, Experts):
+    """:class:`~moe_course.layers.Experts` stored as packed ``b``-bit codes, dequantized on the fly.
+
+    Built from a trained ``Experts``; ``bits`` is one int or one per expert (mixed precision).
+    ``group_size=None`` means one scale per output channel. ``num_experts``, ``d_model``,
+    ``d_hidden`` and ``params_per_expert`` are the real (unpacked) sizes, so FLOPs and parameter
+    counts are unchanged; :meth:`weights` returns the dequantized stacks, so every dispatch
+    strategy, ``experts[i]`` and ``forward_all`` work as before. The dequantization runs on every
+    forward: memory shrinks, compute does not.
+    """
+
+    def __init__(self, experts: Experts, bits: int | Sequence[int], group_size: int | None = None,
+                 symmetric: bool = False, scale_dtype: torch.dtype = torch.float16):
+        nn.Module.__init__(self)  # no fp32 parameters: only packed buffers
+        if not isinstance(experts, Experts):
+            raise TypeError(f"experts: expected a moe_course.layers.Experts, got {type(experts).__name__}")
+        E, d, h = experts.num_experts, experts.d_model, experts.d_hidden
+        per_expert = [bits] * E if isinstance(bits, int) and not isinstance(bits, bool) else list(bits)
+        if len(per_expert) != E:
+            raise ValueError(f"bits: expected an int or {E} values (one per expert), got {len(per_expert)}")
+        for b in per_expert:
+            _check_bits(b)
+        for dim in (d, h):
+            if group_size is not None and dim % group_size:
+                raise ValueError(f"group_size: must divide d_model={d} and d_hidden={h}, got {group_size}")
+        self.activation = experts.activation
+        self._sizes = (E, d, h)
+        self.bits = per_expert
+        self.group_size, self.symmetric = group_size, bool(symmetric)
+        self._names = ("in", "gate", "out") if experts.w_gate is not None else ("in", "out")
+        with torch.no_grad():
+            w_in, w_gate, w_out = experts.weights(torch.float32)
+            mats = {"in": w_in.transpose(1, 2), "gate": None if w_gate is None else w_gate.transpose(1, 2),
+                    "out": w_out.transpose(1, 2)}  # [E, out, in]: groups along the input dimension
+            for name in self._names:
+                for i in range(E):
+                    self._store(f"{name}{i}", mats[name][i].contiguous(), per_expert[i], group_size,
+                                symmetric, scale_dtype)
+
+    @property
+    def num_experts(self) -> int:
+        return self._sizes[0]
+
+    @property
+    def d_model(self) -> int:
+        return self._sizes[1]
+
+    @property
+    def d_hidden(self) -> int:
+        return self._sizes[2]
+
+    @property
+    def params_per_expert(self) -> int:
+        return len(self._names) * self.d_model * self.d_hidden
+
+    def _stack(self, name: str, dtype: torch.dtype | None) -> torch.Tensor:
+        E, d, h = self._sizes
+        shape = (d, h) if name == "out" else (h, d)
+        return torch.stack([self._load(f"{name}{i}", self.bits[i], shape, dtype) for i in range(E)]).transpose(1, 2)
+
+    def weights(self, dtype: torch.dtype | None = None):
+        w_gate = self._stack("gate", dtype) if "gate" in self._names else None
+        return self._stack("in", dtype), w_gate, self._stack("out", dtype)
+
+    @property
+    def w_in(self) -> torch.Tensor:
+        return self._stack("in", None)
+
+    @property
+    def w_gate(self) -> torch.Tensor | None:
+        return self._stack("gate", None) if "gate" in self._names else None
+
+    @property
+    def w_out(self) -> torch.Tensor:
+        return self._stack("out", None)
+
+    def extra_repr(self) -> str:
+        bits = self.bits[0] if len(set(self.bits)) == 1 else self.bits
+        return (f"{super().extra_repr()}, bits={bits}, group_size={self.group_size}, "
+                f"symmetric={self.symmetric}")
+
+
+class QuantizedLinear(_Packed, nn.Linear):
+    """An ``nn.Linear`` whose weight is packed; ``.weight`` dequantizes (the bias stays fp32)."""
+
+    def __init__(self, linear: nn.Linear, bits: int, group_size: int | None = None, symmetric: bool = False,
+                 scale_dtype: torch.dtype = torch.float16):
+        nn.Module.__init__(self)
+        _check_bits(bits)
+        self.in_features, self.out_features, self.bits = linear.in_features, linear.out_features, bits
+        gs = group_size if group_size is not None and linear.in_features % group_size == 0 else None
+        self.group_size = gs
+        self._store("weight", linear.weight.detach(), bits, gs, symmetric, scale_dtype)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone())
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._load("weight", self.bits, (self.out_features, self.in_features), None)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, bits={self.bits}, group_size={self.group_size}"
+
+
+class QuantizedEmbedding(_Packed, nn.Embedding):
+    """An ``nn.Embedding`` whose table is packed (one scale per row or per group)."""
+
+    def __init__(self, emb: nn.Embedding, bits: int, group_size: int | None = None, symmetric: bool = False,
+                 scale_dtype: torch.dtype = torch.float16):
+        nn.Module.__init__(self)
+        _check_bits(bits)
+        self.num_embeddings, self.embedding_dim, self.bits = emb.num_embeddings, emb.embedding_dim, bits
+        for attr in ("padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse"):
+            setattr(self, attr, getattr(emb, attr))
+        gs = group_size if group_size is not None and emb.embedding_dim % group_size == 0 else None
+        self.group_size = gs
+        self._store("weight", emb.weight.detach(), bits, gs, symmetric, scale_dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._load("weight", self.bits, (self.num_embeddings, self.embedding_dim), None)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return F.embedding(idx, self.weight, self.padding_idx)
+
+
+# --------------------------------------------------------------------------------------------
+# whole models
+# --------------------------------------------------------------------------------------------
+def _layer_bits(bits, layers) -> list:
+    n = len(layers)
+    if isinstance(bits, int) and not isinstance(bits, bool):
+        _check_bits(bits)
+        return [bits] * n
+    if not isinstance(bits, (list, tuple)) or len(bits) != n:
+        raise ValueError(f"bits: expected one of {SUPPORTED_BITS}, or a list of {n} entries (one per MoE layer, "
+                         f"each an int or a list per expert), got {bits!r}")
+    for li, (b, layer) in enumerate(zip(bits, layers)):
+        per = [b] if isinstance(b, int) else list(b)
+        if not isinstance(b, int) and len(per) != layer.num_experts:
+            raise ValueError(f"bits[{li}]: expected an int or {layer.num_experts} values, got {len(per)}")
+        for x in per:
+            _check_bits(x, f"bits[{li}]")
+    return list(bits)
+
+
+def quantize(
+    model: nn.Module,
+    bits: int | Sequence[int | Sequence[int]],
+    group_size: int | None = None,
+    symmetric: bool = False,
+    targets: str = "experts",
+    inplace: bool = False,
+    other_bits: int = 8,
+    scale_dtype: torch.dtype = torch.float16,
+) -> nn.Module:
+    """Weight-only RTN quantization of a trained MoE model; returns a new model (deep copy).
+
+    Args:
+        model: a model with at least one :class:`~moe_course.layers.MoELayer`.
+        bits: one of ``SUPPORTED_BITS`` for every routed expert, or a list with one entry per MoE
+            layer, each an int or a list with one value per expert (see :func:`mixed_precision_bits`).
+        group_size: elements per scale along each row's input dimension; ``None``: one per row.
+        symmetric: absmax (``True``) or zero-point (``False``, better at 2-3 bits).
+        targets: ``"experts"`` (routed experts only) or ``"all"`` (also shared experts, every
+            ``nn.Linear`` outside the routers and every ``nn.Embedding``, at ``other_bits``).
+            Routers always stay fp32: they are tiny and their top-k flips easily.
+        inplace: modify ``model`` itself instead of a copy.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    if targets not in TARGETS:
+        raise ValueError(f"targets: expected one of {TARGETS}, got {targets!r}")
+    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1):
+        raise ValueError(f"group_size: expected None or a positive int, got {group_size!r}")
+    _check_bits(other_bits, "other_bits")
+    layers = moe_layers(model)
+    if not layers:
+        raise ValueError(f"model: {type(model).__name__} has no MoE layers (moe_course.layers.MoELayer) to quantize")
+    per_layer = _layer_bits(bits, layers)
+    for layer in layers:
+        for dim in (layer.experts.d_model, layer.experts.d_hidden):
+            if group_size is not None and dim % group_size:
+                raise ValueError(f"group_size: must divide d_model={layer.experts.d_model} and "
+                                 f"d_hidden={layer.experts.d_hidden}, got {group_size}")
+    out = model if inplace else copy.deepcopy(model)
+    for layer, b in zip(moe_layers(out), per_layer):
+        layer.experts = QuantizedExperts(layer.experts, b, group_size, symmetric, scale_dtype)
+        if targets == "all" and getattr(layer, "shared", None) is not None:
+            layer.shared = QuantizedExperts(layer.shared, other_bits, group_size, symmetric, scale_dtype)
+    if targets == "all":
+        routers = {id(m) for layer in moe_layers(out) for m in layer.router.modules()}
+        for parent in list(out.modules()):
+            for name, child in list(parent.named_children()):
+                if id(child) in routers or isinstance(child, (QuantizedLinear, QuantizedEmbedding)):
+                    continue
+                if type(child) is nn.Linear:
+                    setattr(parent, name, QuantizedLinear(child, other_bits, group_size, symmetric, scale_dtype))
+                elif type(child) is nn.Embedding:
+                    setattr(parent, name, QuantizedEmbedding(child, other_bits, group_size, symmetric, scale_dtype))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# mixed precision across experts
+# --------------------------------------------------------------------------------------------
+def mixed_precision_bits(stats, avg_bits: float, choices: Sequence[int] = (2, 3, 4, 8)) -> list[list[int]]:
+    r"""Bits per expert per layer from routing frequencies, at an average of at most ``avg_bits``.
+
+    Greedy marginal allocation: RTN's mean squared error scales like :math:`4^{-b}`, and an
+    expert's share of the output error like its routing frequency :math:`f_i`, so the loss proxy is
+    :math:`\sum_i f_i\,4^{-b_i}`. Start every expert at ``min(choices)`` and repeatedly give the
+    next larger choice to the expert whose upgrade removes the most loss per extra bit, while the
+    average (over experts, all of equal size) stays within ``avg_bits`` (in the spirit of MC-MoE's
+    bit allocation, Huang et al. 2024, with frequency as the importance).
+
+    Args:
+        stats: :class:`moe_course.metrics.RoutingStats` (or a list of per-layer stats with ``.frequency``).
+        avg_bits: the budget, between ``min(choices)`` and ``max(choices)``.
+        choices: allowed bit widths, each in ``SUPPORTED_BITS``.
+    """
+    layers = list(getattr(stats, "layers", stats))
+    if not layers:
+        raise ValueError("stats: expected routing statistics of at least one MoE layer")
+    choices = sorted(set(choices))
+    if not choices:
+        raise ValueError("choices: expected at least one bit width")
+    for c in choices:
+        _check_bits(c, "choices")
+    if not isinstance(avg_bits, (int, float)) or not choices[0] <= avg_bits <= choices[-1]:
+        raise ValueError(f"avg_bits: expected a number in [{choices[0]}, {choices[-1]}], got {avg_bits!r}")
+    freqs = [[float(f) for f in s.frequency] for s in layers]
+    level = [[0] * len(f) for f in freqs]  # index into choices
+    n = sum(len(f) for f in freqs)
+    budget = avg_bits * n - choices[0] * n
+    while True:
+        best, best_gain = None, -1.0
+        for li, f in enumerate(freqs):
+            for e, fe in enumerate(f):
+                j = level[li][e]
+                if j + 1 >= len(choices):
+                    continue
+                cost = choices[j + 1] - choices[j]
+                if cost > budget + 1e-9:
+                    continue
+                gain = fe * (4.0 ** -choices[j] - 4.0 ** -choices[j + 1]) / cost
+                if gain > best_gain:
+                    best, best_gain = (li, e, cost), gain
+        if best is None:
+            break
+        li, e, cost = best
+        level[li][e] += 1
+        budget -= cost
+    return [[choices[j] for j in row] for row in level]
