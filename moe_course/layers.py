@@ -250,6 +250,13 @@ class MoELayer(nn.Module):
         }
         self.last_routing = r.detach()
 
+    def __getstate__(self):
+        # After a forward with gradients on, aux_losses hold non-leaf tensors that deepcopy (and
+        # pickle) refuse; copies of a layer (every compression function makes one) keep detached values.
+        state = self.__dict__.copy()
+        state["aux_losses"] = {name: t.detach() for name, t in self.aux_losses.items()}
+        return state
+
     def _extra_active(self) -> tuple[int, int]:
         return 0, 0
 

@@ -257,3 +257,15 @@ def test_wrong_input_width_is_a_clear_error():
         make_sparse()(torch.randn(3, 15))
     with pytest.raises(TypeError, match="x"):
         make_sparse()([1.0] * 16)
+
+
+def test_layer_can_be_deep_copied_after_a_training_forward():
+    import copy
+
+    layer = make_sparse()
+    layer(torch.randn(6, 16)).sum().backward()
+    clone = copy.deepcopy(layer)
+    assert not clone.aux_losses["balance"].requires_grad
+    assert layer.aux_losses["balance"].requires_grad  # the original keeps its graph for training
+    x = torch.randn(4, 16)
+    torch.testing.assert_close(clone(x), layer(x))

@@ -1,0 +1,353 @@
+"""Pruning a trained MoE: magnitude pruning, expert pruning (frequency, NAEE), dynamic skipping.
+
+* :func:`prune_magnitude` zeroes the smallest expert weights (the slide deck's technique), globally
+  or per layer. Zeros inside dense tensors save no bytes and no time; :func:`csr_bytes` says what
+  a compressed-sparse-row copy would store instead.
+* :func:`prune_experts` physically removes whole experts (smaller :class:`~moe_course.layers.Experts`
+  and a router ``Linear`` with only the kept rows), chosen by routing frequency or by NAEE's
+  enumeration (Lu et al., 2024): keep the subset whose layer output changes least on calibration
+  data, with the router restricted to the kept experts (:func:`restrict_router`).
+* :func:`skip_experts` is NAEE's dynamic skipping: a token drops its second expert when that
+  expert's gate weight is below ``beta`` times the first one's, with ``beta`` the median ratio on
+  calibration data; skipped assignments are excluded from dispatch, so they cost no compute.
+
+Every function returns a new model (deep copy) unless ``inplace=True``.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..layers import Experts, RouterOutput, SparseMoE, TopKRouter, moe_layers
+from ..metrics import _forward, _iter_batches
+
+__all__ = [
+    "magnitude_mask", "prune_magnitude", "csr_bytes", "sparsity_report",
+    "restrict_router", "layer_inputs", "expert_frequencies", "naee_select", "prune_experts",
+    "SkippingRouter", "skip_experts", "skip_fraction",
+]
+
+SCOPES = ("global", "layer")
+METHODS = ("frequency", "naee")
+MAX_SUBSETS = 5000  # above C(E, keep) subsets, NAEE falls back to greedy elimination
+
+
+# ------------------------------------------------------------------------------------ checks
+def _check_model(model: Any) -> list:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    layers = moe_layers(model)
+    if not layers:
+        raise ValueError(f"model: {type(model).__name__} has no MoE layers (moe_course.layers.MoELayer) to prune")
+    return layers
+
+
+def _check_ratio(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ValueError(f"{name}: expected a number in [0, 1), got {value!r}")
+    return float(value)
+
+
+def _calib_batches(calib: Any, batch_size: int = 64) -> list:
+    if calib is None:
+        raise ValueError("calib: expected calibration data (a training-split Dataset or batches), got None")
+    batches = list(_iter_batches(calib, batch_size))
+    if not batches:
+        raise ValueError("calib: the calibration data is empty; pass a few batches of the training split")
+    return batches
+
+
+def _out(model: nn.Module, inplace: bool) -> nn.Module:
+    return model if inplace else copy.deepcopy(model)
+
+
+# -------------------------------------------------------------------------- magnitude pruning
+def magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Bool mask (``True`` = keep) zeroing the ``round(sparsity * numel)`` smallest ``|weight|``."""
+    sparsity = _check_ratio("sparsity", sparsity)
+    n_prune = int(round(sparsity * weight.numel()))
+    mask = torch.ones(weight.numel(), dtype=torch.bool, device=weight.device)
+    if n_prune:
+        mask[weight.detach().abs().reshape(-1).argsort()[:n_prune]] = False
+    return mask.view(weight.shape)
+
+
+def _expert_params(layer) -> list[nn.Parameter]:
+    e = layer.experts
+    return [w for w in (e.w_in, e.w_gate, e.w_out) if w is not None]
+
+
+def prune_magnitude(model: nn.Module, sparsity: float, scope: str = "global", inplace: bool = False) -> nn.Module:
+    """Zero the smallest-magnitude expert weights to a target ``sparsity`` (Han et al. 2015 style).
+
+    ``scope="global"``: one threshold over the experts of every MoE layer (layers with smaller
+    weights lose more); ``"layer"``: the same fraction in every MoE layer. The tensors stay dense
+    and the same size: see :func:`sparsity_report` for what the zeros would save in CSR.
+    """
+    sparsity = _check_ratio("sparsity", sparsity)
+    if scope not in SCOPES:
+        raise ValueError(f"scope: expected one of {SCOPES}, got {scope!r}")
+    _check_model(model)
+    model = _out(model, inplace)
+    layers = moe_layers(model)
+    with torch.no_grad():
+        if scope == "global":
+            params = [p for layer in layers for p in _expert_params(layer)]
+            flat = torch.cat([p.reshape(-1) for p in params])
+            mask = magnitude_mask(flat, sparsity)
+            for p, m in zip(params, mask.split([p.numel() for p in params])):
+                p.mul_(m.view(p.shape))
+        else:
+            for layer in layers:
+                params = _expert_params(layer)
+                flat = torch.cat([p.reshape(-1) for p in params])
+                mask = magnitude_mask(flat, sparsity)
+                for p, m in zip(params, mask.split([p.numel() for p in params])):
+                    p.mul_(m.view(p.shape))
+    return model
+
+
+def csr_bytes(dense: torch.Tensor, index_bytes: int = 8, value_bytes: int | None = None) -> int:
+    """Bytes of a CSR copy of ``dense`` viewed as a matrix ``[rows, last dim]``.
+
+    ``nnz * (value + column index) + (rows + 1) * row pointer``; torch's CSR uses int64 indices
+    (``index_bytes=8``), many kernels accept int32 (4).
+    """
+    if not torch.is_tensor(dense) or dense.dim() < 1:
+        raise ValueError("dense: expected a tensor with at least one dimension")
+    if index_bytes not in (2, 4, 8):
+        raise ValueError(f"index_bytes: expected 2, 4 or 8, got {index_bytes!r}")
+    value_bytes = dense.element_size() if value_bytes is None else value_bytes
+    rows = dense.numel() // dense.shape[-1] if dense.dim() > 1 else 1
+    nnz = int(torch.count_nonzero(dense))
+    return nnz * (value_bytes + index_bytes) + (rows + 1) * index_bytes
+
+
+def sparsity_report(model: nn.Module, index_bytes: int = 8) -> dict[str, float]:
+    """Expert weights: dense bytes, fraction of zeros, and bytes as CSR (``index_bytes`` indices)."""
+    params = [p for layer in _check_model(model) for p in _expert_params(layer)]
+    dense = sum(p.numel() * p.element_size() for p in params)
+    zeros = sum(int((p == 0).sum()) for p in params)
+    total = sum(p.numel() for p in params)
+    return {"dense bytes": dense, "zeros": zeros / total,
+            "csr bytes": sum(csr_bytes(p.detach(), index_bytes) for p in params)}
+
+
+# ----------------------------------------------------------------------------- expert pruning
+def restrict_router(logits: torch.Tensor, kept, k: int, renormalize: bool = True):
+    """Top-k routing over the experts in ``kept`` only (NAEE): the other logits are set to
+    ``-inf`` *before* the softmax, then top-k and renormalise. Returns ``(weights, indices)``,
+    indices in the original numbering."""
+    kept = torch.as_tensor(kept, dtype=torch.long, device=logits.device)
+    if kept.numel() < k:
+        raise ValueError(f"kept: expected at least k={k} experts, got {kept.numel()}")
+    masked = torch.full_like(logits.float(), float("-inf"))
+    masked[:, kept] = logits.float()[:, kept]
+    weights, indices = torch.softmax(masked, dim=-1).topk(k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(-1, keepdim=True)
+    return weights, indices
+
+
+@torch.no_grad()
+def _layer_inputs(model: nn.Module, batches: list) -> list[torch.Tensor]:
+    """Input tokens ``[T, d]`` of every MoE layer on the calibration batches (original model)."""
+    layers = moe_layers(model)
+    store = [[] for _ in layers]
+    hooks = [layer.register_forward_pre_hook(lambda m, a, i=i: store[i].append(a[0].reshape(-1, a[0].shape[-1])))
+             for i, layer in enumerate(layers)]
+    training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        for b in batches:
+            _forward(model, {k: torch.as_tensor(v).to(device) for k, v in b.items()} if isinstance(b, dict) else b.to(device))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(training)
+    return [torch.cat(s) for s in store]
+
+
+def layer_inputs(model: nn.Module, calib: Any) -> list[torch.Tensor]:
+    """Per MoE layer of ``model``, its input tokens ``[T, d_model]`` on the calibration data."""
+    _check_model(model)
+    return _layer_inputs(model, _calib_batches(calib))
+
+
+@torch.no_grad()
+def expert_frequencies(model: nn.Module, calib: Any) -> list[torch.Tensor]:
+    """Per MoE layer, the fraction of top-k assignments each expert receives on ``calib``."""
+    layers = _check_model(model)
+    xs = _layer_inputs(model, _calib_batches(calib))
+    out = []
+    for layer, x in zip(layers, xs):
+        idx = layer.router(x).indices
+        out.append(torch.bincount(idx.reshape(-1), minlength=layer.num_experts).float() / idx.numel())
+    return out
+
+
+def _subset_error(all_out, logits, kept, k, renormalize, ref) -> float:
+    w, idx = restrict_router(logits, kept, k, renormalize)
+    t = torch.arange(logits.shape[0], device=logits.device)[:, None]
+    y = (all_out[t, idx] * w[..., None].to(all_out.dtype)).sum(1)  # [T, k, d] -> [T, d]
+    return float(torch.linalg.norm((ref - y).double()))
+
+
+@torch.no_grad()
+def naee_select(layer, x: torch.Tensor, keep: int, max_subsets: int = MAX_SUBSETS) -> tuple[list[int], str]:
+    """NAEE (Lu et al., 2024, Sec. 3.1): the ``keep`` experts of ``layer`` whose restricted routing
+    reproduces the layer output ``Z`` on tokens ``x`` best, ``min_S ||Z - Z'(S)||_F``.
+
+    Enumeration costs ``C(E, keep)`` evaluations of the layer; above ``max_subsets`` a greedy
+    backward elimination (drop the expert whose removal hurts least, ``O(E^2)`` evaluations) is used.
+    Returns ``(sorted kept ids, "enumerate" | "greedy")``.
+    """
+    E, k = layer.num_experts, layer.k
+    logits = layer.router(x).logits
+    all_out = layer.experts.forward_all(x).transpose(0, 1)  # [T, E, d]: every expert once
+    ren = layer.router.renormalize
+    ref_w, ref_i = layer.router(x).weights, layer.router(x).indices
+    t = torch.arange(x.shape[0], device=x.device)[:, None]
+    ref = (all_out[t, ref_i] * ref_w[..., None].to(all_out.dtype)).sum(1)
+    if math.comb(E, keep) <= max_subsets:
+        best = min(itertools.combinations(range(E), keep),
+                   key=lambda s: _subset_error(all_out, logits, list(s), k, ren, ref))
+        return sorted(best), "enumerate"
+    kept = list(range(E))
+    while len(kept) > keep:
+        drop = min(kept, key=lambda e: _subset_error(all_out, logits, [j for j in kept if j != e], k, ren, ref))
+        kept.remove(drop)
+    return sorted(kept), "greedy"
+
+
+def _resolve_keep(keep: Any, layer) -> int:
+    E, k = layer.num_experts, layer.k
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
+        raise ValueError(f"keep: expected an int number of experts or a fraction in (0, 1], got {keep!r}")
+    n = keep if isinstance(keep, int) else (round(keep * E) if 0 < keep <= 1 else -1)
+    if isinstance(keep, float) and n == -1:
+        raise ValueError(f"keep: a fraction must be in (0, 1], got {keep!r}")
+    if not k <= n <= E:
+        raise ValueError(f"keep: expected between k={k} and num_experts={E} experts per layer, got {keep!r} -> {n}")
+    return n
+
+
+def _shrink(layer, kept: list[int]) -> None:
+    """Replace ``layer.experts`` and the router rows by the kept experts only (physical removal)."""
+    idx = torch.tensor(kept, dtype=torch.long, device=layer.experts.w_in.device)
+    old = layer.experts
+    new = Experts(len(kept), old.d_model, old.d_hidden, old.activation).to(old.w_in.device, old.w_in.dtype)
+    with torch.no_grad():
+        for name in ("w_in", "w_gate", "w_out"):
+            if getattr(old, name) is not None:
+                getattr(new, name).copy_(getattr(old, name)[idx])
+    layer.experts = new
+    r = layer.router
+    for name in ("gate", "noise"):
+        lin = getattr(r, name, None)
+        if lin is not None:
+            small = nn.Linear(lin.in_features, len(kept), bias=False).to(lin.weight.device, lin.weight.dtype)
+            with torch.no_grad():
+                small.weight.copy_(lin.weight[idx])
+            setattr(r, name, small)
+    layer.pruned_experts = kept  # original ids of the surviving experts, for reports
+
+
+def prune_experts(model: nn.Module, calib: Any, keep, method: str = "frequency", inplace: bool = False,
+                  max_subsets: int = MAX_SUBSETS) -> nn.Module:
+    """Remove whole experts from every sparse MoE layer, keeping ``keep`` (int, or a fraction of E).
+
+    ``method="frequency"``: keep the experts chosen most often on ``calib`` (F-prune).
+    ``method="naee"``: keep the subset minimising the layer-output reconstruction error
+    (:func:`naee_select`, inputs cached from the original model: NAEE's layer-wise variant).
+    The kept experts' weights and router rows are copied into smaller tensors.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+    layers = _check_model(model)
+    for layer in layers:
+        if not isinstance(layer, SparseMoE):
+            raise TypeError(f"model: expert pruning needs sparse top-k MoE layers, got {type(layer).__name__}")
+        _resolve_keep(keep, layer)
+    batches = _calib_batches(calib)
+    xs = _layer_inputs(model, batches)
+    model = _out(model, inplace)
+    with torch.no_grad():
+        for layer, x in zip(moe_layers(model), xs):
+            n = _resolve_keep(keep, layer)
+            if method == "frequency":
+                freq = torch.bincount(layer.router(x).indices.reshape(-1), minlength=layer.num_experts)
+                kept = sorted(freq.argsort(descending=True, stable=True)[:n].tolist())
+            else:
+                kept, _ = naee_select(layer, x, n, max_subsets)
+            _shrink(layer, kept)
+    return model
+
+
+# --------------------------------------------------------------------------- dynamic skipping
+class SkippingRouter(TopKRouter):
+    """A :class:`TopKRouter` that drops choice ``j >= 1`` when ``w_j < beta * w_1`` (NAEE Sec. 3.2).
+
+    The dropped assignments get weight 0, the rest are renormalised, and ``keep`` marks them so
+    that dispatch never runs them. ``calls`` / ``skipped`` count expert assignments seen.
+    """
+
+    def __init__(self, router: TopKRouter, beta: float):
+        super().__init__(router.gate.in_features, router.num_experts, router.k, router.noisy, router.renormalize)
+        self.load_state_dict(router.state_dict())
+        self.to(router.gate.weight.device)
+        self.register_buffer("beta", torch.tensor(float(beta)))
+        self.calls, self.skipped = 0, 0
+
+    def forward(self, x: torch.Tensor) -> RouterOutput:
+        r = super().forward(x)
+        keep = torch.ones_like(r.indices, dtype=torch.bool)
+        keep[:, 1:] = r.weights[:, 1:] >= self.beta * r.weights[:, :1]
+        w = r.weights * keep
+        w = w / w.sum(-1, keepdim=True)
+        self.calls += keep.numel()
+        self.skipped += int((~keep).sum())
+        return RouterOutput(w, r.indices, r.logits, r.probs, keep)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", beta={float(self.beta):.3f}"
+
+
+@torch.no_grad()
+def skip_experts(model: nn.Module, calib: Any, inplace: bool = False, quantile: float = 0.5) -> nn.Module:
+    """NAEE dynamic skipping: per layer, ``beta`` = the median (``quantile``) of ``w_2 / w_1`` on
+    ``calib``; each layer's router becomes a :class:`SkippingRouter`."""
+    quantile = _check_ratio("quantile", quantile)
+    layers = _check_model(model)
+    for layer in layers:
+        if not isinstance(layer, SparseMoE) or layer.k < 2:
+            raise ValueError(f"model: skipping needs sparse MoE layers with k >= 2, got {type(layer).__name__} k={layer.k}")
+        if layer.capacity_factor is not None:
+            raise ValueError("model: skipping is implemented for layers without a capacity factor "
+                             "(the capacity mask would replace the skip mask)")
+    xs = _layer_inputs(model, _calib_batches(calib))
+    model = _out(model, inplace)
+    for layer, x in zip(moe_layers(model), xs):
+        w = layer.router(x).weights
+        beta = torch.quantile((w[:, 1] / w[:, 0]).float(), quantile)
+        layer.router = SkippingRouter(layer.router, float(beta))
+    return model
+
+
+def skip_fraction(model: nn.Module, reset: bool = False) -> float:
+    """Fraction of expert assignments skipped since the last reset, over all skipping routers."""
+    routers = [layer.router for layer in _check_model(model) if isinstance(layer.router, SkippingRouter)]
+    if not routers:
+        raise ValueError("model: no SkippingRouter found; apply skip_experts first")
+    calls, skipped = sum(r.calls for r in routers), sum(r.skipped for r in routers)
+    if reset:
+        for r in routers:
+            r.calls, r.skipped = 0, 0
+    return skipped / calls if calls else 0.0
