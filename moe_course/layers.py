@@ -112,6 +112,37 @@ class Experts(nn.Module):
         )
 
 
+class CompressedExperts(Experts):
+    """Base of experts stored in another form (packed codes, low-rank factors, shared bases).
+
+    It keeps the source's real sizes, so ``num_experts``, ``d_model``, ``d_hidden`` and the FLOPs
+    stay those of the function computed; subclasses store their tensors and override
+    :meth:`weights` (every dispatch strategy goes through it) and ``params_per_expert``.
+    """
+
+    def __init__(self, source: Experts):
+        nn.Module.__init__(self)  # no dense fp32 parameters: subclasses register their own storage
+        if not isinstance(source, Experts):
+            raise TypeError(f"experts: expected a moe_course.layers.Experts, got {type(source).__name__}")
+        self.activation = source.activation
+        self._sizes = (source.num_experts, source.d_model, source.d_hidden)
+
+    @property
+    def num_experts(self) -> int:
+        return self._sizes[0]
+
+    @property
+    def d_model(self) -> int:
+        return self._sizes[1]
+
+    @property
+    def d_hidden(self) -> int:
+        return self._sizes[2]
+
+    def weights(self, dtype: torch.dtype | None = None):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
 class ExpertView(nn.Module):
     """One expert of an :class:`Experts`, sharing its storage (edits and gradients go through)."""
 
@@ -364,3 +395,13 @@ class SparseMoE(MoELayer):
 def moe_layers(model: nn.Module) -> list[MoELayer]:
     """All MoE layers of ``model`` in module order (the protocol compression functions rely on)."""
     return [m for m in model.modules() if isinstance(m, MoELayer)]
+
+
+def require_moe_layers(model: nn.Module, action: str = "compress") -> list[MoELayer]:
+    """:func:`moe_layers`, raising a clear error when ``model`` is no module or has none to ``action``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    layers = moe_layers(model)
+    if not layers:
+        raise ValueError(f"model: {type(model).__name__} has no MoE layers (moe_course.layers.MoELayer) to {action}")
+    return layers

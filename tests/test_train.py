@@ -13,14 +13,7 @@ from moe_course.models import ClassifierConfig, LMConfig, MoEClassifier, MoETran
 from moe_course.train import History, TrainConfig, evaluate, fit, lr_at, param_groups
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny models gain nothing from 2 threads, and OpenMP's spin-waiting makes them 10-100x
-    slower when another process shares the cores; restore the thread count afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def lm_data(n: int = 24, t: int = 16, vocab: int = 12, seed: int = 0) -> datasets.Dataset:

@@ -17,14 +17,7 @@ from moe_course import zoo
 from moe_course.models import MoEClassifier, MoETransformerLM
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny models gain nothing from 2 threads, and OpenMP's spin-waiting makes them 10-100x
-    slower when another process shares the cores; restore the thread count afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture()

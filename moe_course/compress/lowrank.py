@@ -35,7 +35,7 @@ import math
 import torch
 import torch.nn as nn
 
-from moe_course.layers import Experts, moe_layers
+from moe_course.layers import CompressedExperts, Experts, moe_layers, require_moe_layers
 
 __all__ = ["truncated_svd", "rank_for_energy", "LowRankExperts", "SharedExperts", "lowrank_experts",
            "share_experts", "singular_values"]
@@ -100,7 +100,7 @@ def rank_for_energy(singular_values: torch.Tensor, energy: float) -> int:
 
 def singular_values(model: nn.Module) -> list[dict[str, torch.Tensor]]:
     """Per MoE layer, ``{"in"|"gate"|"out": [E, min(m, n)]}`` singular values of every expert matrix."""
-    layers = _check_model(model)
+    layers = require_moe_layers(model, "factorize")
     out = []
     for layer in layers:
         stacks = _stacks(layer.experts)
@@ -108,58 +108,20 @@ def singular_values(model: nn.Module) -> list[dict[str, torch.Tensor]]:
     return out
 
 
-def _copy(model: nn.Module) -> nn.Module:
-    """``copy.deepcopy`` that also works after a forward with gradients: the layers' ``aux_losses``
-    hold non-leaf tensors (deepcopy refuses them), so they are set aside during the copy."""
-    saved = [(layer, layer.aux_losses) for layer in moe_layers(model)]
-    try:
-        for layer, _ in saved:
-            layer.aux_losses = {}
-        return copy.deepcopy(model)
-    finally:
-        for layer, aux in saved:
-            layer.aux_losses = aux
-
-
 def _check_energy(energy) -> None:
     if isinstance(energy, bool) or not isinstance(energy, (int, float)) or not 0 < energy <= 1:
         raise ValueError(f"energy: expected a number in (0, 1], got {energy!r}")
 
 
-def _check_model(model) -> list:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
-    layers = moe_layers(model)
-    if not layers:
-        raise ValueError(f"model: {type(model).__name__} has no MoE layers (moe_course.layers.MoELayer)")
-    return layers
-
-
 # --------------------------------------------------------------------------------------------
 # factored experts
 # --------------------------------------------------------------------------------------------
-class _FactoredBase(Experts):
+class _FactoredBase(CompressedExperts):
     """Common sizes and forward passes of experts whose matrices are built from smaller tensors."""
 
     def _init_sizes(self, experts: Experts) -> None:
-        nn.Module.__init__(self)
-        if not isinstance(experts, Experts):
-            raise TypeError(f"experts: expected a moe_course.layers.Experts, got {type(experts).__name__}")
-        self.activation = experts.activation
-        self._sizes = (experts.num_experts, experts.d_model, experts.d_hidden)
+        CompressedExperts.__init__(self, experts)
         self._names = _names(experts)
-
-    @property
-    def num_experts(self) -> int:
-        return self._sizes[0]
-
-    @property
-    def d_model(self) -> int:
-        return self._sizes[1]
-
-    @property
-    def d_hidden(self) -> int:
-        return self._sizes[2]
 
     @property
     def params_per_expert(self) -> int:
@@ -308,7 +270,7 @@ def lowrank_experts(model: nn.Module, rank: int | None = None, energy: float | N
     :math:`\\sum \\sigma^2`). ``init="random"`` builds the same shapes from random factors (the
     slide deck's ``LowRankExpert``; for comparison only). Returns a new model unless ``inplace``.
     """
-    layers = _check_model(model)
+    layers = require_moe_layers(model, "factorize")
     if (rank is None) == (energy is None):
         raise ValueError("rank, energy: give exactly one of rank (an int) or energy (a number in (0, 1])")
     if init not in ("svd", "random"):
@@ -319,7 +281,7 @@ def lowrank_experts(model: nn.Module, rank: int | None = None, energy: float | N
             raise ValueError(f"rank: expected an integer in [1, min(d_model, d_hidden) = {limit}], got {rank!r}")
     else:
         _check_energy(energy)
-    out = model if inplace else _copy(model)
+    out = model if inplace else copy.deepcopy(model)
     gen = torch.Generator().manual_seed(seed)
     for layer in moe_layers(out):
         ex = layer.experts
@@ -340,14 +302,14 @@ def share_experts(model: nn.Module, rank: int, inplace: bool = False, mode: str 
     whose experts share their first layer. ``0 <= rank <= min(d_model, d_hidden)``.
     Returns a new model unless ``inplace``.
     """
-    layers = _check_model(model)
+    layers = require_moe_layers(model, "factorize")
     if mode not in SHARE_MODES:
         raise ValueError(f"mode: expected one of {SHARE_MODES}, got {mode!r}")
     limit = min(min(l.experts.d_model, l.experts.d_hidden) for l in layers)
     if not _is_rank(rank) or not 0 <= rank <= limit:
         raise ValueError(f"rank: expected an integer in [0, min(d_model, d_hidden) = {limit}], got {rank!r}")
     shared = ("in", "gate", "out") if mode == "all" else ("in", "gate")
-    out = model if inplace else _copy(model)
+    out = model if inplace else copy.deepcopy(model)
     for layer in moe_layers(out):
         layer.experts = SharedExperts(layer.experts, rank, shared)
     return out

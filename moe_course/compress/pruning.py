@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..layers import Experts, RouterOutput, SparseMoE, TopKRouter, moe_layers
+from ..layers import Experts, RouterOutput, SparseMoE, TopKRouter, moe_layers, require_moe_layers
 from ..metrics import _forward, _iter_batches
 
 __all__ = [
@@ -39,15 +39,6 @@ MAX_SUBSETS = 5000  # above C(E, keep) subsets, NAEE falls back to greedy elimin
 
 
 # ------------------------------------------------------------------------------------ checks
-def _check_model(model: Any) -> list:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
-    layers = moe_layers(model)
-    if not layers:
-        raise ValueError(f"model: {type(model).__name__} has no MoE layers (moe_course.layers.MoELayer) to prune")
-    return layers
-
-
 def _check_ratio(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
         raise ValueError(f"{name}: expected a number in [0, 1), got {value!r}")
@@ -93,7 +84,7 @@ def prune_magnitude(model: nn.Module, sparsity: float, scope: str = "global", in
     sparsity = _check_ratio("sparsity", sparsity)
     if scope not in SCOPES:
         raise ValueError(f"scope: expected one of {SCOPES}, got {scope!r}")
-    _check_model(model)
+    require_moe_layers(model, "prune")
     model = _out(model, inplace)
     layers = moe_layers(model)
     with torch.no_grad():
@@ -131,7 +122,7 @@ def csr_bytes(dense: torch.Tensor, index_bytes: int = 8, value_bytes: int | None
 
 def sparsity_report(model: nn.Module, index_bytes: int = 8) -> dict[str, float]:
     """Expert weights: dense bytes, fraction of zeros, and bytes as CSR (``index_bytes`` indices)."""
-    params = [p for layer in _check_model(model) for p in _expert_params(layer)]
+    params = [p for layer in require_moe_layers(model, "prune") for p in _expert_params(layer)]
     dense = sum(p.numel() * p.element_size() for p in params)
     zeros = sum(int((p == 0).sum()) for p in params)
     total = sum(p.numel() for p in params)
@@ -177,14 +168,14 @@ def _layer_inputs(model: nn.Module, batches: list) -> list[torch.Tensor]:
 
 def layer_inputs(model: nn.Module, calib: Any) -> list[torch.Tensor]:
     """Per MoE layer of ``model``, its input tokens ``[T, d_model]`` on the calibration data."""
-    _check_model(model)
+    require_moe_layers(model, "prune")
     return _layer_inputs(model, _calib_batches(calib))
 
 
 @torch.no_grad()
 def expert_frequencies(model: nn.Module, calib: Any) -> list[torch.Tensor]:
     """Per MoE layer, the fraction of top-k assignments each expert receives on ``calib``."""
-    layers = _check_model(model)
+    layers = require_moe_layers(model, "prune")
     xs = _layer_inputs(model, _calib_batches(calib))
     out = []
     for layer, x in zip(layers, xs):
@@ -271,7 +262,7 @@ def prune_experts(model: nn.Module, calib: Any, keep, method: str = "frequency",
     """
     if method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
-    layers = _check_model(model)
+    layers = require_moe_layers(model, "prune")
     for layer in layers:
         if not isinstance(layer, SparseMoE):
             raise TypeError(f"model: expert pruning needs sparse top-k MoE layers, got {type(layer).__name__}")
@@ -325,7 +316,7 @@ def skip_experts(model: nn.Module, calib: Any, inplace: bool = False, quantile: 
     """NAEE dynamic skipping: per layer, ``beta`` = the median (``quantile``) of ``w_2 / w_1`` on
     ``calib``; each layer's router becomes a :class:`SkippingRouter`."""
     quantile = _check_ratio("quantile", quantile)
-    layers = _check_model(model)
+    layers = require_moe_layers(model, "prune")
     for layer in layers:
         if not isinstance(layer, SparseMoE) or layer.k < 2:
             raise ValueError(f"model: skipping needs sparse MoE layers with k >= 2, got {type(layer).__name__} k={layer.k}")
@@ -343,7 +334,7 @@ def skip_experts(model: nn.Module, calib: Any, inplace: bool = False, quantile: 
 
 def skip_fraction(model: nn.Module, reset: bool = False) -> float:
     """Fraction of expert assignments skipped since the last reset, over all skipping routers."""
-    routers = [layer.router for layer in _check_model(model) if isinstance(layer.router, SkippingRouter)]
+    routers = [layer.router for layer in require_moe_layers(model, "prune") if isinstance(layer.router, SkippingRouter)]
     if not routers:
         raise ValueError("model: no SkippingRouter found; apply skip_experts first")
     calls, skipped = sum(r.calls for r in routers), sum(r.skipped for r in routers)

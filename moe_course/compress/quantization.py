@@ -44,7 +44,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moe_course.layers import Experts, moe_layers
+from moe_course.layers import CompressedExperts, Experts, moe_layers, require_moe_layers
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 GRANULARITIES = ("tensor", "channel", "group")
@@ -201,7 +201,7 @@ class _Packed(nn.Module):
                                  dtype=dtype or torch.float32)
 
 
-class QuantizedExperts(_Packed, Experts):
+class QuantizedExperts(_Packed, CompressedExperts):
     """:class:`~moe_course.layers.Experts` stored as packed ``b``-bit codes, dequantized on the fly.
 
     Built from a trained ``Experts``; ``bits`` is one int or one per expert (mixed precision).
@@ -214,10 +214,8 @@ class QuantizedExperts(_Packed, Experts):
 
     def __init__(self, experts: Experts, bits: int | Sequence[int], group_size: int | None = None,
                  symmetric: bool = False, scale_dtype: torch.dtype = torch.float16):
-        nn.Module.__init__(self)  # no fp32 parameters: only packed buffers
-        if not isinstance(experts, Experts):
-            raise TypeError(f"experts: expected a moe_course.layers.Experts, got {type(experts).__name__}")
-        E, d, h = experts.num_experts, experts.d_model, experts.d_hidden
+        CompressedExperts.__init__(self, experts)  # only packed buffers, no fp32 parameters
+        E, d, h = self._sizes
         per_expert = [bits] * E if isinstance(bits, int) and not isinstance(bits, bool) else list(bits)
         if len(per_expert) != E:
             raise ValueError(f"bits: expected an int or {E} values (one per expert), got {len(per_expert)}")
@@ -226,8 +224,6 @@ class QuantizedExperts(_Packed, Experts):
         for dim in (d, h):
             if group_size is not None and dim % group_size:
                 raise ValueError(f"group_size: must divide d_model={d} and d_hidden={h}, got {group_size}")
-        self.activation = experts.activation
-        self._sizes = (E, d, h)
         self.bits = per_expert
         self.group_size, self.symmetric = group_size, bool(symmetric)
         self._names = ("in", "gate", "out") if experts.w_gate is not None else ("in", "out")
@@ -239,18 +235,6 @@ class QuantizedExperts(_Packed, Experts):
                 for i in range(E):
                     self._store(f"{name}{i}", mats[name][i].contiguous(), per_expert[i], group_size,
                                 symmetric, scale_dtype)
-
-    @property
-    def num_experts(self) -> int:
-        return self._sizes[0]
-
-    @property
-    def d_model(self) -> int:
-        return self._sizes[1]
-
-    @property
-    def d_hidden(self) -> int:
-        return self._sizes[2]
 
     @property
     def params_per_expert(self) -> int:
@@ -369,16 +353,12 @@ def quantize(
             Routers always stay fp32: they are tiny and their top-k flips easily.
         inplace: modify ``model`` itself instead of a copy.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    layers = require_moe_layers(model, "quantize")
     if targets not in TARGETS:
         raise ValueError(f"targets: expected one of {TARGETS}, got {targets!r}")
     if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1):
         raise ValueError(f"group_size: expected None or a positive int, got {group_size!r}")
     _check_bits(other_bits, "other_bits")
-    layers = moe_layers(model)
-    if not layers:
-        raise ValueError(f"model: {type(model).__name__} has no MoE layers (moe_course.layers.MoELayer) to quantize")
     per_layer = _layer_bits(bits, layers)
     for layer in layers:
         for dim in (layer.experts.d_model, layer.experts.d_hidden):
