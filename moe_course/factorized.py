@@ -38,10 +38,12 @@ import string
 from typing import Callable, Sequence
 
 import torch
+from torch.overrides import TorchFunctionMode
 import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = [
+    "LargestIntermediate",
     "GATE_ACTIVATIONS",
     "NORMALIZATIONS",
     "FACTORIZATIONS",
@@ -882,3 +884,19 @@ def register_with_models() -> bool:
 
 
 register_with_models()
+
+
+class LargestIntermediate(TorchFunctionMode):
+    """Records the largest tensor (in elements) any torch function returns while active: the
+    check that a factorized forward never materialises the expert weight tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if torch.is_tensor(t):
+                self.largest = max(self.largest, t.numel())
+        return out

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.overrides import TorchFunctionMode
 
 from moe_course.factorized import (
+    LargestIntermediate,
     CPMuMoE,
     MuMoE,
     MuMoEBlock,
@@ -167,25 +167,12 @@ def test_tr_and_cp_to_tensor_match_definitions():
         tr_to_tensor([torch.randn(2, 3, 4), torch.randn(3, 5, 2)])
 
 
-class _LargestTensor(TorchFunctionMode):
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if torch.is_tensor(t):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 @pytest.mark.parametrize("kind", ["cp", "tr"])
 def test_forward_never_materialises_the_weight_tensor(kind):
     n, i, o, t = 512, 64, 64, 16
     layer = CPMuMoE(i, o, n, rank=16) if kind == "cp" else TRMuMoE(i, o, n, ranks=(4, 4, 8))
     z, a = torch.randn(t, i), torch.softmax(torch.randn(t, n), -1)
-    with torch.no_grad(), _LargestTensor() as mode:
+    with torch.no_grad(), LargestIntermediate() as mode:
         layer(z, a)
     # Every intermediate is far smaller than W (n (i+1) o = 2.1M entries) or a per-token W(a) (t i o).
     assert mode.largest < min(n * (i + 1) * o, t * i * o) // 4, mode.largest

@@ -74,6 +74,18 @@ def _run(model: nn.Module, batches: list) -> None:
         _forward(model, {k: torch.as_tensor(v).to(dev) for k, v in b.items()} if isinstance(b, dict) else b.to(dev))
 
 
+def _run_hooked(model: nn.Module, batches: list, hooks: list) -> None:
+    """Run ``batches`` in eval mode, then remove ``hooks`` and restore the mode, even on error."""
+    training = model.training
+    model.eval()
+    try:
+        _run(model, batches)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(training)
+
+
 # -------------------------------------------------------------------------------- expert drop
 @torch.no_grad()
 def expert_scores(model: nn.Module, calib: Any) -> list[torch.Tensor]:
@@ -165,14 +177,7 @@ def layer_similarities(model: nn.Module, calib: Any) -> dict[int, float]:
         b = model.blocks[i]
         hooks.append(b.ln_ffn.register_forward_pre_hook(lambda m, a, i=i: hs[i].append(a[0].reshape(-1, a[0].shape[-1]))))
         hooks.append(b.ffn.register_forward_hook(lambda m, a, o, i=i: outs[i].append(o.reshape(-1, o.shape[-1]))))
-    training = model.training
-    model.eval()
-    try:
-        _run(model, batches)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(training)
+    _run_hooked(model, batches, hooks)
     return {i: residual_similarity(torch.cat(hs[i]), torch.cat(outs[i])) for i in idx}
 
 
@@ -204,14 +209,7 @@ def block_hidden_states(model: nn.Module, calib: Any) -> list[torch.Tensor]:
     hooks = [b.register_forward_pre_hook(lambda m, a, i=i: store[i].append(a[0].reshape(-1, a[0].shape[-1])))
              for i, b in enumerate(blocks)]
     hooks.append(blocks[-1].register_forward_hook(lambda m, a, o: store[-1].append(o.reshape(-1, o.shape[-1]))))
-    training = model.training
-    model.eval()
-    try:
-        _run(model, batches)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(training)
+    _run_hooked(model, batches, hooks)
     return [torch.cat(s) for s in store]
 
 

@@ -14,9 +14,8 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.overrides import TorchFunctionMode
 
-from moe_course.factorized import cp_mumoe_params, cp_rank_for_budget, entmax15, tr_to_tensor
+from moe_course.factorized import LargestIntermediate, cp_mumoe_params, cp_rank_for_budget, entmax15, tr_to_tensor
 
 from .core import CheckFailed, checker, expect, expect_close
 
@@ -28,21 +27,6 @@ def _close(a, b, rtol: float = 1e-4, atol: float = 1e-5) -> bool:
         return False
     a, b = a.detach().double().cpu(), b.detach().double().cpu()
     return a.shape == b.shape and bool(torch.allclose(a, b, rtol=rtol, atol=atol))
-
-
-class _LargestIntermediate(TorchFunctionMode):
-    """Records the largest tensor any torch function returns while active."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if torch.is_tensor(t):
-                self.largest = max(self.largest, t.numel())
-        return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -203,7 +187,7 @@ def check_cp_mumoe_forward(student_fn) -> None:
     t, n, i, o, r = 8, 256, 64, 64, 16
     z, a = torch.randn(t, i), torch.softmax(torch.randn(t, n), -1)
     factors = (torch.randn(n, r) + 1, torch.randn(i + 1, r) / 8, torch.randn(o, r) / 4)
-    with _LargestIntermediate() as mode:
+    with LargestIntermediate() as mode:
         out = _call_cp(student_fn, z, a, *factors, "256 experts")
     expect_close(out, _cp_reference(z, a, *factors), "wrong output with 256 experts")
     expect(mode.largest < n * (i + 1) * o // 8,
@@ -279,7 +263,7 @@ def check_tr_mumoe_forward(student_fn) -> None:
     t, n, i, o = 8, 256, 64, 64
     z, a = torch.randn(t, i), torch.softmax(torch.randn(t, n), -1)
     cores = (torch.randn(4, n, 4) / 2, torch.randn(4, i + 1, 8) / 16, torch.randn(8, o, 4) / 6)
-    with _LargestIntermediate() as mode:
+    with LargestIntermediate() as mode:
         out = student_fn(z, a, *cores)
     expect(torch.is_tensor(out), f"tr_mumoe_forward must return a torch tensor, got {type(out).__name__}")
     expect_close(out, _tr_reference(z, a, *cores), "wrong output with 256 experts")
