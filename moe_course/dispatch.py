@@ -55,8 +55,13 @@ def capacity_mask(indices: torch.Tensor, num_experts: int, capacity: int) -> tor
     order), so a token loses its second expert before anyone loses a first. Returns a bool
     mask ``[T, k]``; ``False`` means the assignment is dropped.
     """
-    if capacity < 0:
-        raise ValueError(f"capacity: expected >= 0, got {capacity}")
+    if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
+        raise ValueError(f"capacity: expected an int >= 0, got {capacity!r}")
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
+        raise ValueError(f"num_experts: expected an integer in [1, inf], got {num_experts!r}")
+    if not torch.is_tensor(indices) or indices.dim() != 2 or indices.is_floating_point():
+        raise ValueError(f"indices: expected an integer tensor [T, k], got shape "
+                         f"{tuple(indices.shape) if torch.is_tensor(indices) else type(indices).__name__}")
     t, k = indices.shape
     flat = indices.t().reshape(-1)  # choice-major: all first choices, then all second ...
     onehot = F.one_hot(flat, num_experts)
@@ -157,6 +162,12 @@ def dispatch(
     Returns:
         ``[T, d_model]``, ``sum_j w_tj E_{i_tj}(x_t)`` over kept assignments.
     """
+    from .layers import Experts
+
+    if not isinstance(experts, Experts):
+        raise TypeError(f"experts: expected a moe_course.layers.Experts, got {type(experts).__name__}")
+    # Shapes and dtypes only (free); ids in range and finite weights are not checked: that would
+    # synchronise the GPU on every forward.
     if x.dim() != 2 or x.shape[-1] != experts.d_model:
         raise ValueError(f"x: expected shape [T, d_model={experts.d_model}], got {tuple(x.shape)}")
     if indices.shape != weights.shape or indices.dim() != 2 or indices.shape[0] != x.shape[0]:
@@ -164,7 +175,11 @@ def dispatch(
             f"weights/indices: expected matching shapes [T={x.shape[0]}, k], "
             f"got {tuple(weights.shape)} and {tuple(indices.shape)}"
         )
+    if indices.is_floating_point() or indices.dtype == torch.bool:
+        raise TypeError(f"indices: expected an integer tensor of expert ids, got {indices.dtype}")
     if keep is not None and keep.shape != indices.shape:
         raise ValueError(f"keep: expected shape {tuple(indices.shape)}, got {tuple(keep.shape)}")
+    if keep is not None and keep.dtype != torch.bool:
+        raise TypeError(f"keep: expected a bool mask, got {keep.dtype}")
     impl = _IMPL[resolve_strategy(strategy, x.device, indices.numel())]
     return impl(x, weights.to(x.dtype), indices, experts, keep)

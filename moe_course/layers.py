@@ -84,6 +84,8 @@ class Experts(nn.Module):
 
     def expert_forward(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Expert ``i`` applied to rows ``x [n, d_model]``."""
+        if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < self.num_experts:
+            raise IndexError(f"i: expected an expert index in [0, {self.num_experts}), got {i!r}")
         w_in, w_gate, w_out = self.weights(x.dtype)
         gate = x @ w_gate[i] if w_gate is not None else None
         return self.act(x @ w_in[i], gate) @ w_out[i]
@@ -101,6 +103,8 @@ class Experts(nn.Module):
         return self.num_experts
 
     def __getitem__(self, i: int) -> "ExpertView":
+        if not isinstance(i, int) or isinstance(i, bool):
+            raise TypeError(f"i: expected an int expert index, got {i!r}")
         if not -self.num_experts <= i < self.num_experts:
             raise IndexError(f"expert index {i} out of range for {self.num_experts} experts")
         return ExpertView(self, i % self.num_experts)
@@ -148,6 +152,10 @@ class ExpertView(nn.Module):
 
     def __init__(self, experts: Experts, index: int):
         super().__init__()
+        if not isinstance(experts, Experts):
+            raise TypeError(f"experts: expected a moe_course.layers.Experts, got {type(experts).__name__}")
+        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < experts.num_experts:
+            raise IndexError(f"index: expected an expert index in [0, {experts.num_experts}), got {index!r}")
         object.__setattr__(self, "_experts", experts)  # not a submodule: no double counting
         self.index = index
 
@@ -270,6 +278,10 @@ class MoELayer(nn.Module):
     def _flatten_input(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.is_tensor(x):
             raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+        # Shape and dtype checks only: they cost nothing. No NaN/inf check here: it would synchronise
+        # the GPU on every forward of every MoE layer (NaNs surface in the loss, which fit() stops on).
+        if not x.is_floating_point():
+            raise TypeError(f"x: expected a floating-point tensor, got {x.dtype}")
         if x.dim() < 1 or x.shape[-1] != self.d_model:
             raise ValueError(f"x: expected last dimension d_model={self.d_model}, got shape {tuple(x.shape)}")
         return x.reshape(-1, self.d_model)
@@ -352,8 +364,9 @@ class SparseMoE(MoELayer):
                  dispatch: str = "auto", activation: str = "gelu", noisy: bool = False,
                  renormalize: bool = True):
         super().__init__()
-        if capacity_factor is not None and not (isinstance(capacity_factor, (int, float)) and capacity_factor > 0):
-            raise ValueError(f"capacity_factor: expected None or a number > 0, got {capacity_factor!r}")
+        if capacity_factor is not None and not (isinstance(capacity_factor, (int, float)) and not isinstance(capacity_factor, bool)
+                                                and math.isfinite(capacity_factor) and capacity_factor > 0):
+            raise ValueError(f"capacity_factor: expected None or a finite number > 0, got {capacity_factor!r}")
         if not isinstance(num_shared_experts, int) or num_shared_experts < 0:
             raise ValueError(f"num_shared_experts: expected an integer >= 0, got {num_shared_experts!r}")
         if dispatch != "auto" and dispatch not in STRATEGIES:
@@ -394,6 +407,8 @@ class SparseMoE(MoELayer):
 
 def moe_layers(model: nn.Module) -> list[MoELayer]:
     """All MoE layers of ``model`` in module order (the protocol compression functions rely on)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     return [m for m in model.modules() if isinstance(m, MoELayer)]
 
 

@@ -21,6 +21,8 @@ def load_balancing_loss(probs: torch.Tensor, indices: torch.Tensor, num_experts:
         indices: ``[T, k]`` chosen experts.
         num_experts: ``N``.
     """
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
+        raise ValueError(f"num_experts: expected an integer in [1, inf], got {num_experts!r}")
     if probs.dim() != 2 or probs.shape[-1] != num_experts:
         raise ValueError(f"probs: expected shape [T, num_experts={num_experts}], got {tuple(probs.shape)}")
     if indices.dim() != 2 or indices.shape[0] != probs.shape[0]:
@@ -50,6 +52,10 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
 
 def coefficient_of_variation_sq(x: torch.Tensor) -> torch.Tensor:
     """CV² = (std / mean)², the balance measure of Shazeer et al. 2017 (importance and load losses)."""
+    if not torch.is_tensor(x):
+        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    if x.numel() == 0:
+        raise ValueError("x: expected a non-empty tensor (one value per expert)")
     x = x.float()
     return x.var(unbiased=False) / (x.mean().pow(2) + 1e-10)
 

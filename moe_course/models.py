@@ -123,6 +123,8 @@ class _FFNConfig:
             _check_float("capacity_factor", self.capacity_factor)
             if self.capacity_factor <= 0:
                 raise ValueError(f"capacity_factor must be > 0 or None, got {self.capacity_factor}")
+            if not math.isfinite(self.capacity_factor):
+                raise ValueError(f"capacity_factor must be a finite number > 0 or None, got {self.capacity_factor}")
         if self.dispatch != "auto" and self.dispatch not in DISPATCH_STRATEGIES:
             raise ValueError(f"dispatch must be one of {DISPATCH_STRATEGIES + ('auto',)}, got {self.dispatch!r}")
         if not isinstance(self.noisy, bool):
@@ -154,6 +156,10 @@ class _FFNConfig:
 
     def replace(self, **changes: Any):
         """A validated copy with some fields changed (``dataclasses.replace``)."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ValueError(f"unknown {type(self).__name__} field(s) {unknown}; valid fields: {sorted(known)}")
         return dataclasses.replace(self, **changes)
 
 
@@ -213,6 +219,8 @@ class DenseFFN(nn.Module):
 
     def __init__(self, d_model: int, d_hidden: int, activation: str = "gelu") -> None:
         super().__init__()
+        _check_int("d_model", d_model)
+        _check_int("d_hidden", d_hidden)
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         self.activation = activation
@@ -254,6 +262,13 @@ class SelfAttention(nn.Module):
 
     def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, causal: bool = True) -> None:
         super().__init__()
+        _check_int("d_model", d_model)
+        _check_int("n_heads", n_heads)
+        if d_model % n_heads:
+            raise ValueError(f"n_heads={n_heads} must divide d_model={d_model}")
+        _check_float("dropout", dropout, 0.0, 1.0)
+        if dropout >= 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.n_heads = n_heads
         self.causal = causal
         self.dropout = dropout
@@ -285,6 +300,10 @@ class Block(nn.Module):
 
     def __init__(self, cfg: _FFNConfig, mixer: nn.Module | None) -> None:
         super().__init__()
+        if not isinstance(cfg, _FFNConfig):
+            raise TypeError(f"cfg must be an LMConfig or ClassifierConfig, got {type(cfg).__name__}")
+        if mixer is not None and not isinstance(mixer, nn.Module):
+            raise TypeError(f"mixer must be an nn.Module or None, got {type(mixer).__name__}")
         self.ln_mix = nn.LayerNorm(cfg.d_model) if mixer is not None else None
         self.mixer = mixer
         self.ln_ffn = nn.LayerNorm(cfg.d_model)
@@ -438,6 +457,10 @@ class MoETransformerLM(_MoEModel):
             ids = ids.unsqueeze(0)
         if ids.dim() != 2 or ids.shape[1] == 0:
             raise ValueError(f"prompt_ids: expected a non-empty [T] or [B, T] sequence, got shape {tuple(ids.shape)}")
+        lo, hi = int(ids.min()), int(ids.max())  # once per call, not per generated token
+        if lo < 0 or hi >= self.config.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"prompt_ids: expected token ids in [0, vocab_size={self.config.vocab_size}), got {bad}")
         was_training = self.training
         self.eval()
         try:

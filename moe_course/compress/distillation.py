@@ -40,6 +40,8 @@ def _check_temperature(temperature: Any) -> float:
 def soft_targets(logits: torch.Tensor, temperature: float = 2.0) -> torch.Tensor:
     """The teacher's softened distribution ``softmax(logits / T)`` over the last dimension (float32)."""
     t = _check_temperature(temperature)
+    if not torch.is_tensor(logits):
+        raise TypeError(f"logits must be a tensor, got {type(logits).__name__}")
     return torch.softmax(logits.float() / t, dim=-1)
 
 
@@ -156,6 +158,12 @@ def distill(
         raise TypeError("teacher and student must be torch.nn.Module instances")
     if teacher is student:
         raise ValueError("student must be a different model from teacher (build a new, smaller one)")
+    t_cfg, s_cfg = getattr(teacher, "config", None), getattr(student, "config", None)
+    for field in ("vocab_size", "num_classes", "input_length"):
+        tv, sv = getattr(t_cfg, field, None), getattr(s_cfg, field, None)
+        if tv is not None and sv is not None and tv != sv:
+            raise ValueError(f"student: its config.{field}={sv} differs from the teacher's {field}={tv}; "
+                             "the logits must match (build it with make_student)")
     if isinstance(data, Mapping):
         if "train" not in data:
             raise ValueError(f"data as a dict needs a 'train' split, got keys {sorted(data)}")
@@ -204,6 +212,9 @@ def init_from_teacher(student: nn.Module, teacher: nn.Module) -> list[str]:
     Feed-forward weights (experts, routers, dense MLPs) are left as initialised: their shapes and
     roles differ between teacher and student.
     """
+    for name, m in (("student", student), ("teacher", teacher)):
+        if not isinstance(m, nn.Module):
+            raise TypeError(f"{name}: expected an nn.Module, got {type(m).__name__}")
     t_params = dict(teacher.named_parameters())
     copied = []
     for name, p in student.named_parameters():

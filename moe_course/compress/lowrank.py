@@ -35,6 +35,7 @@ import math
 import torch
 import torch.nn as nn
 
+from moe_course import _validate
 from moe_course.layers import CompressedExperts, Experts, moe_layers, require_moe_layers
 
 __all__ = ["truncated_svd", "rank_for_energy", "LowRankExperts", "SharedExperts", "lowrank_experts",
@@ -72,6 +73,7 @@ def truncated_svd(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tenso
     m, n = w.shape[-2:]
     if not _is_rank(rank) or not 0 <= rank <= min(m, n):
         raise ValueError(f"rank: expected an integer in [0, min(m, n) = {min(m, n)}], got {rank!r}")
+    _validate.finite("w", w)  # the SVD of a matrix with NaN/inf fails to converge or returns NaN
     u, s, vh = torch.linalg.svd(w.detach().to(torch.float64), full_matrices=False)
     root = s[..., :rank].sqrt()
     left = u[..., :, :rank] * root[..., None, :]
@@ -89,6 +91,9 @@ def rank_for_energy(singular_values: torch.Tensor, energy: float) -> int:
     s = torch.as_tensor(singular_values, dtype=torch.float64).reshape(-1)
     if s.numel() == 0:
         raise ValueError("singular_values: expected at least one value")
+    _validate.finite("singular_values", s)
+    if bool((s < 0).any()):
+        raise ValueError(f"singular_values: expected values >= 0 (torch.linalg.svdvals), got min {float(s.min())}")
     e = s.square()
     total = e.sum()
     if total <= 0:
@@ -181,6 +186,9 @@ class LowRankExperts(_FactoredBase):
         E = self.num_experts
         if _is_rank(ranks):
             ranks = {n: [ranks] * E for n in self._names}
+        if not isinstance(ranks, dict) or any(n not in ranks for n in self._names):
+            got = f"keys {sorted(ranks)}" if isinstance(ranks, dict) else repr(ranks)
+            raise ValueError(f"ranks: expected an int or a dict with keys {self._names}, got {got}")
         self.ranks = {n: [int(r) for r in ranks[n]] for n in self._names}
         with torch.no_grad():
             stacks = _stacks(experts)
@@ -224,6 +232,11 @@ class SharedExperts(_FactoredBase):
 
     def __init__(self, experts: Experts, rank: int, shared: tuple[str, ...] = ("in", "gate", "out")):
         self._init_sizes(experts)
+        limit = min(self.d_model, self.d_hidden)
+        if not _is_rank(rank) or not 0 <= rank <= limit:
+            raise ValueError(f"rank: expected an integer in [0, {limit}], got {rank!r}")
+        if isinstance(shared, str) or any(n not in ("in", "gate", "out") for n in shared):
+            raise ValueError(f"shared: expected names from ('in', 'gate', 'out'), got {list(shared) if not isinstance(shared, str) else shared!r}")
         self.rank = rank
         self.shared = tuple(n for n in self._names if n in shared)
         with torch.no_grad():
@@ -275,6 +288,8 @@ def lowrank_experts(model: nn.Module, rank: int | None = None, energy: float | N
         raise ValueError("rank, energy: give exactly one of rank (an int) or energy (a number in (0, 1])")
     if init not in ("svd", "random"):
         raise ValueError(f"init: expected 'svd' or 'random', got {init!r}")
+    _validate.dense_experts(layers, "lowrank_experts")
+    _validate.finite_model(model)
     if rank is not None:
         limit = min(min(l.experts.d_model, l.experts.d_hidden) for l in layers)
         if not _is_rank(rank) or not 1 <= rank <= limit:
@@ -305,6 +320,8 @@ def share_experts(model: nn.Module, rank: int, inplace: bool = False, mode: str 
     layers = require_moe_layers(model, "factorize")
     if mode not in SHARE_MODES:
         raise ValueError(f"mode: expected one of {SHARE_MODES}, got {mode!r}")
+    _validate.dense_experts(layers, "share_experts")
+    _validate.finite_model(model)
     limit = min(min(l.experts.d_model, l.experts.d_hidden) for l in layers)
     if not _is_rank(rank) or not 0 <= rank <= limit:
         raise ValueError(f"rank: expected an integer in [0, min(d_model, d_hidden) = {limit}], got {rank!r}")

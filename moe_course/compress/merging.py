@@ -30,6 +30,7 @@ import torch.nn as nn
 from scipy.cluster.hierarchy import cut_tree, linkage
 from scipy.optimize import linear_sum_assignment
 
+from .. import _validate
 from ..layers import Experts, RouterOutput, SparseMoE, TopKRouter, moe_layers, require_moe_layers
 from .lowrank import _FactoredBase, _stacks, truncated_svd
 from .pruning import _calib_batches, _layer_inputs
@@ -57,6 +58,9 @@ def match_neurons(ref_in: torch.Tensor, ref_out: torch.Tensor, w_in: torch.Tenso
                          f"got {tuple(w_in.shape)}, {tuple(w_out.shape)}")
     if (ref_gate is None) != (w_gate is None):
         raise ValueError("w_gate: give a gate for both the reference and the expert, or for neither")
+    for name, t in (("ref_in", ref_in), ("ref_out", ref_out), ("w_in", w_in), ("w_out", w_out),
+                    ("ref_gate", ref_gate), ("w_gate", w_gate)):
+        _validate.finite(name, t)
     c = ref_in.double().T @ w_in.double() + ref_out.double() @ w_out.double().T
     if ref_gate is not None:
         c = c + ref_gate.double().T @ w_gate.double()
@@ -66,6 +70,18 @@ def match_neurons(ref_in: torch.Tensor, ref_out: torch.Tensor, w_in: torch.Tenso
 
 def permute_expert(experts: Experts, i: int, perm: torch.Tensor) -> None:
     """Permute expert ``i``'s hidden neurons in place (the function it computes does not change)."""
+    if isinstance(experts, Experts) and type(experts) is not Experts:
+        raise TypeError(f"experts: expected dense moe_course.layers.Experts, got {type(experts).__name__} "
+                        "(its w_in/w_out are computed, so permuting them in place would change nothing)")
+    if not isinstance(experts, Experts):
+        raise TypeError(f"experts: expected a moe_course.layers.Experts, got {type(experts).__name__}")
+    if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < experts.num_experts:
+        raise IndexError(f"i: expected an expert index in [0, {experts.num_experts}), got {i!r}")
+    perm = torch.as_tensor(perm)
+    h = experts.d_hidden
+    if perm.shape != (h,) or perm.is_floating_point() or not torch.equal(perm.sort().values.long().cpu(), torch.arange(h)):
+        raise ValueError(f"perm: expected a permutation of range({h}), got shape {tuple(perm.shape)}"
+                         + ("" if perm.shape != (h,) else " with repeated or out-of-range ids"))
     with torch.no_grad():
         experts.w_in[i] = experts.w_in[i][:, perm]
         if experts.w_gate is not None:
@@ -89,6 +105,7 @@ def _check_layers(model: nn.Module, action: str) -> list:
             raise TypeError(f"model: {action} needs sparse top-k MoE layers with dense Experts and a plain TopKRouter "
                             f"(apply it before other compressions), got {type(layer).__name__} with "
                             f"{type(layer.experts).__name__} and {type(layer.router).__name__}")
+    _validate.finite_model(model)
     return layers
 
 
@@ -124,6 +141,8 @@ def frequency_weighted_merge(weights: torch.Tensor, freqs: torch.Tensor) -> torc
     All-zero frequencies (a group nobody uses) fall back to the uniform average.
     """
     f = torch.as_tensor(freqs, dtype=torch.float64, device=weights.device).reshape(-1)
+    _validate.finite("freqs", f)
+    _validate.finite("weights", weights)
     if f.numel() != weights.shape[0]:
         raise ValueError(f"freqs: expected {weights.shape[0]} frequencies, got {f.numel()}")
     if (f < 0).any():
@@ -150,6 +169,9 @@ def expert_similarity(layer, x: torch.Tensor, similarity: str = "router-logits")
     """
     if similarity not in SIMILARITIES:
         raise ValueError(f"similarity: expected one of {SIMILARITIES}, got {similarity!r}")
+    if not torch.is_tensor(x) or x.dim() != 2 or x.shape[1] != layer.d_model:
+        raise ValueError(f"x: expected shape [T, d_model={layer.d_model}], got "
+                         f"{tuple(x.shape) if torch.is_tensor(x) else type(x).__name__}")
     if similarity == "router-logits":
         return (_cosine(layer.router(x).logits.T) + 1) / 2
     if similarity == "expert-outputs":
@@ -176,6 +198,8 @@ class MergedRouter(TopKRouter):
         s2g = torch.as_tensor(slot_to_group, dtype=torch.long, device=router.gate.weight.device)
         if s2g.shape != (router.num_experts,):
             raise ValueError(f"slot_to_group: expected {router.num_experts} entries, got shape {tuple(s2g.shape)}")
+        if set(s2g.tolist()) != set(range(int(s2g.max()) + 1)):
+            raise ValueError(f"slot_to_group: expected group ids 0..G-1 each used at least once, got {s2g.tolist()}")
         self.register_buffer("slot_to_group", s2g)
         self.num_groups = int(s2g.max()) + 1
 
@@ -310,13 +334,20 @@ def hc_smoe(model: nn.Module, calib: Any, num_groups, align: bool = False, inpla
 # ----------------------------------------------------------------------------- MC-SMoE
 def stable_rank(w: torch.Tensor) -> torch.Tensor:
     r"""Stable rank :math:`\|W\|_F^2 / \|W\|_2^2` of a matrix or each matrix of a batch ``[..., m, n]``."""
+    if not torch.is_tensor(w) or w.dim() < 2 or not w.is_floating_point():
+        raise ValueError(f"w: expected a floating-point tensor with at least 2 dimensions, got "
+                         f"{tuple(w.shape) if torch.is_tensor(w) else type(w).__name__}")
+    _validate.finite("w", w)
     s = torch.linalg.svdvals(w.detach().double())
-    return (s.square().sum(-1) / s[..., 0].square()).float()
+    # a zero matrix has stable rank 0 (not 0/0 = NaN)
+    return (s.square().sum(-1) / s[..., 0].square().clamp_min(torch.finfo(torch.float64).tiny)).float()
 
 
 def expert_stable_ranks(model: nn.Module, name: str = "in") -> list[torch.Tensor]:
     """Per MoE layer, the stable rank of every expert's ``w_{name}`` (``"in"``, ``"gate"``, ``"out"``)."""
     layers = require_moe_layers(model, "measure")
+    if name not in ("in", "gate", "out"):
+        raise ValueError(f"name: expected one of ('in', 'gate', 'out'), got {name!r}")
     out = []
     for layer in layers:
         w = _stacks(layer.experts)[name]

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .. import _validate
 from ..layers import Experts, RouterOutput, SparseMoE, TopKRouter, moe_layers, require_moe_layers
 from ..metrics import _forward, _iter_batches
 
@@ -40,18 +41,14 @@ MAX_SUBSETS = 5000  # above C(E, keep) subsets, NAEE falls back to greedy elimin
 
 # ------------------------------------------------------------------------------------ checks
 def _check_ratio(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:  # NaN fails too
         raise ValueError(f"{name}: expected a number in [0, 1), got {value!r}")
     return float(value)
 
 
 def _calib_batches(calib: Any, batch_size: int = 64) -> list:
-    if calib is None:
-        raise ValueError("calib: expected calibration data (a training-split Dataset or batches), got None")
-    batches = list(_iter_batches(calib, batch_size))
-    if not batches:
-        raise ValueError("calib: the calibration data is empty; pass a few batches of the training split")
-    return batches
+    """Calibration batches, checked: not None, not empty, tokens in every batch, finite features."""
+    return _validate.calib_batches(calib, batch_size)
 
 
 def _out(model: nn.Module, inplace: bool) -> nn.Module:
@@ -61,7 +58,10 @@ def _out(model: nn.Module, inplace: bool) -> nn.Module:
 # -------------------------------------------------------------------------- magnitude pruning
 def magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Bool mask (``True`` = keep) zeroing the ``round(sparsity * numel)`` smallest ``|weight|``."""
+    if not torch.is_tensor(weight):
+        raise TypeError(f"weight: expected a torch.Tensor, got {type(weight).__name__}")
     sparsity = _check_ratio("sparsity", sparsity)
+    _validate.finite("weight", weight)  # NaN sorts as the largest magnitude: it would survive pruning
     n_prune = int(round(sparsity * weight.numel()))
     mask = torch.ones(weight.numel(), dtype=torch.bool, device=weight.device)
     if n_prune:
@@ -84,7 +84,9 @@ def prune_magnitude(model: nn.Module, sparsity: float, scope: str = "global", in
     sparsity = _check_ratio("sparsity", sparsity)
     if scope not in SCOPES:
         raise ValueError(f"scope: expected one of {SCOPES}, got {scope!r}")
-    require_moe_layers(model, "prune")
+    # Packed or factored experts expose w_in/w_out as computed tensors: zeroing them would change nothing.
+    _validate.dense_experts(require_moe_layers(model, "prune"), "prune_magnitude")
+    _validate.finite_model(model)
     model = _out(model, inplace)
     layers = moe_layers(model)
     with torch.no_grad():
@@ -114,6 +116,9 @@ def csr_bytes(dense: torch.Tensor, index_bytes: int = 8, value_bytes: int | None
         raise ValueError("dense: expected a tensor with at least one dimension")
     if index_bytes not in (2, 4, 8):
         raise ValueError(f"index_bytes: expected 2, 4 or 8, got {index_bytes!r}")
+    if value_bytes is not None:
+        if isinstance(value_bytes, bool) or not isinstance(value_bytes, int) or value_bytes < 1:
+            raise ValueError(f"value_bytes: expected None or a positive int, got {value_bytes!r}")
     value_bytes = dense.element_size() if value_bytes is None else value_bytes
     rows = dense.numel() // dense.shape[-1] if dense.dim() > 1 else 1
     nnz = int(torch.count_nonzero(dense))
@@ -122,7 +127,11 @@ def csr_bytes(dense: torch.Tensor, index_bytes: int = 8, value_bytes: int | None
 
 def sparsity_report(model: nn.Module, index_bytes: int = 8) -> dict[str, float]:
     """Expert weights: dense bytes, fraction of zeros, and bytes as CSR (``index_bytes`` indices)."""
-    params = [p for layer in require_moe_layers(model, "prune") for p in _expert_params(layer)]
+    layers = require_moe_layers(model, "prune")
+    _validate.dense_experts(layers, "sparsity_report")  # packed/factored bytes: see metrics.size_report
+    if index_bytes not in (2, 4, 8):
+        raise ValueError(f"index_bytes: expected 2, 4 or 8, got {index_bytes!r}")
+    params = [p for layer in layers for p in _expert_params(layer)]
     dense = sum(p.numel() * p.element_size() for p in params)
     zeros = sum(int((p == 0).sum()) for p in params)
     total = sum(p.numel() for p in params)
@@ -135,9 +144,17 @@ def restrict_router(logits: torch.Tensor, kept, k: int, renormalize: bool = True
     """Top-k routing over the experts in ``kept`` only (NAEE): the other logits are set to
     ``-inf`` *before* the softmax, then top-k and renormalise. Returns ``(weights, indices)``,
     indices in the original numbering."""
-    kept = torch.as_tensor(kept, dtype=torch.long, device=logits.device)
+    if not torch.is_tensor(logits) or logits.dim() != 2:
+        raise ValueError(f"logits: expected shape [T, num_experts], got "
+                         f"{tuple(logits.shape) if torch.is_tensor(logits) else type(logits).__name__}")
+    E = logits.shape[1]
+    _validate.int_in("k", k, 1, E)
+    kept = torch.as_tensor(kept, dtype=torch.long, device=logits.device).reshape(-1)
     if kept.numel() < k:
         raise ValueError(f"kept: expected at least k={k} experts, got {kept.numel()}")
+    ids = kept.tolist()
+    if len(set(ids)) != len(ids) or min(ids) < 0 or max(ids) >= E:
+        raise ValueError(f"kept: expected distinct expert ids in [0, {E}), got {ids}")
     masked = torch.full_like(logits.float(), float("-inf"))
     masked[:, kept] = logits.float()[:, kept]
     weights, indices = torch.softmax(masked, dim=-1).topk(k, dim=-1)
@@ -150,6 +167,7 @@ def restrict_router(logits: torch.Tensor, kept, k: int, renormalize: bool = True
 def _layer_inputs(model: nn.Module, batches: list) -> list[torch.Tensor]:
     """Input tokens ``[T, d]`` of every MoE layer on the calibration batches (original model)."""
     layers = moe_layers(model)
+    _validate.token_ids_in_vocab(model, batches)
     store = [[] for _ in layers]
     hooks = [layer.register_forward_pre_hook(lambda m, a, i=i: store[i].append(a[0].reshape(-1, a[0].shape[-1])))
              for i, layer in enumerate(layers)]
@@ -201,6 +219,12 @@ def naee_select(layer, x: torch.Tensor, keep: int, max_subsets: int = MAX_SUBSET
     Returns ``(sorted kept ids, "enumerate" | "greedy")``.
     """
     E, k = layer.num_experts, layer.k
+    _validate.int_in("keep", keep, k, E)
+    _validate.int_in("max_subsets", max_subsets, 1)
+    if not torch.is_tensor(x) or x.dim() != 2 or x.shape[1] != layer.d_model:
+        raise ValueError(f"x: expected shape [T, d_model={layer.d_model}], got "
+                         f"{tuple(x.shape) if torch.is_tensor(x) else type(x).__name__}")
+    _validate.finite("x", x)
     logits = layer.router(x).logits
     all_out = layer.experts.forward_all(x).transpose(0, 1)  # [T, E, d]: every expert once
     ren = layer.router.renormalize
@@ -262,11 +286,15 @@ def prune_experts(model: nn.Module, calib: Any, keep, method: str = "frequency",
     """
     if method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+    _validate.int_in("max_subsets", max_subsets, 1)
     layers = require_moe_layers(model, "prune")
     for layer in layers:
         if not isinstance(layer, SparseMoE):
             raise TypeError(f"model: expert pruning needs sparse top-k MoE layers, got {type(layer).__name__}")
         _resolve_keep(keep, layer)
+    _validate.dense_experts(layers, "prune_experts")
+    _validate.router_kind(layers, "prune_experts", ("TopKRouter", "SkippingRouter"))
+    _validate.finite_model(model)
     batches = _calib_batches(calib)
     xs = _layer_inputs(model, batches)
     model = _out(model, inplace)
@@ -291,6 +319,10 @@ class SkippingRouter(TopKRouter):
     """
 
     def __init__(self, router: TopKRouter, beta: float):
+        if not isinstance(router, TopKRouter):
+            raise TypeError(f"router: expected a TopKRouter, got {type(router).__name__}")
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta <= 1:
+            raise ValueError(f"beta: expected a finite number in [0, 1], got {beta!r}")
         super().__init__(router.gate.in_features, router.num_experts, router.k, router.noisy, router.renormalize)
         self.load_state_dict(router.state_dict())
         self.to(router.gate.weight.device)
@@ -323,6 +355,8 @@ def skip_experts(model: nn.Module, calib: Any, inplace: bool = False, quantile: 
         if layer.capacity_factor is not None:
             raise ValueError("model: skipping is implemented for layers without a capacity factor "
                              "(the capacity mask would replace the skip mask)")
+    _validate.router_kind(layers, "skip_experts", ("TopKRouter",))
+    _validate.finite_model(model)
     xs = _layer_inputs(model, _calib_batches(calib))
     model = _out(model, inplace)
     for layer, x in zip(moe_layers(model), xs):

@@ -44,6 +44,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from moe_course import _validate
 from moe_course.layers import CompressedExperts, Experts, moe_layers, require_moe_layers
 
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -97,9 +98,10 @@ def quantize_tensor(
     Asymmetric ranges include 0 so that zero is exact; symmetric is absmax.
     """
     if not torch.is_tensor(w) or not w.is_floating_point():
-        raise TypeError(f"w: expected a floating-point tensor, got {type(w).__name__}")
+        raise TypeError(f"w: expected a floating-point tensor, got {w.dtype if torch.is_tensor(w) else type(w).__name__}")
     _check_bits(bits)
     g = _group_width(w, granularity, group_size)
+    _validate.finite("w", w)  # a NaN would make its whole group's scale NaN
     x = w.detach().float().reshape(-1, g)
     levels = 2 ** bits - 1
     if symmetric:
@@ -109,7 +111,14 @@ def quantize_tensor(
         lo = x.amin(dim=1, keepdim=True).clamp(max=0)
         hi = x.amax(dim=1, keepdim=True).clamp(min=0)
         scale = (hi - lo) / levels
-    scale = scale.to(scale_dtype).float()  # quantize against the scale we will actually store
+    stored = scale.to(scale_dtype)
+    if not torch.isfinite(stored).all():
+        raise ValueError(f"w: needs a scale of {scale.max().item():.4g}, which scale_dtype={scale_dtype} cannot hold "
+                         f"(non-finite or too large weights); pass finite weights or scale_dtype=torch.float32")
+    # Round the stored scale up, never down: a scale rounded down (or flushed to 0 in float16) would
+    # push the extreme weights out of the code range and break |w - w_hat| <= s/2.
+    stored = torch.where(stored.float() < scale, torch.nextafter(stored, torch.full_like(stored, float("inf"))), stored)
+    scale = stored.float()  # quantize against the scale we will actually store
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     if not symmetric:
         zero = torch.round(-lo / safe).clamp(0, levels)
@@ -123,6 +132,8 @@ def dequantize_tensor(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tens
     """``(codes - zero) * scale`` group by group; the inverse of :func:`quantize_tensor` up to rounding."""
     if scale.numel() == 0 or codes.numel() % scale.numel():
         raise ValueError(f"scale: {scale.numel()} groups do not divide {codes.numel()} codes")
+    if zero.numel() != scale.numel():
+        raise ValueError(f"zero: expected {scale.numel()} zero points (one per scale), got {zero.numel()}")
     g = codes.numel() // scale.numel()
     x = (codes.reshape(-1, g).float() - zero.reshape(-1, 1).float()) * scale.reshape(-1, 1).float()
     return x.reshape(codes.shape).to(dtype)
@@ -149,7 +160,12 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     and code ``2j+1`` in its high nibble.
     """
     _check_bits(bits)
+    if not torch.is_tensor(codes) or codes.is_floating_point() or codes.dtype == torch.bool:
+        raise TypeError(f"codes: expected an integer tensor (uint8 codes), got "
+                        f"{codes.dtype if torch.is_tensor(codes) else type(codes).__name__}")
     flat = codes.reshape(-1).to(torch.int64)
+    if flat.numel() and int(flat.min()) < 0:
+        raise ValueError(f"codes: expected integer codes in [0, 2**bits), got min {int(flat.min())}")
     if flat.numel() and int(flat.max()) >= 2 ** bits:
         raise ValueError(f"codes: values must be < 2**bits = {2 ** bits}, got max {int(flat.max())}")
     pad = (-flat.numel()) % 8
@@ -177,6 +193,10 @@ def unpack_codes(packed: torch.Tensor, bits: int, shape: int | Sequence[int]) ->
 def bits_per_weight(bits: int, group_size: int | None, in_features: int, scale_bits: int = 16,
                     zero_bits: int = 8) -> float:
     """Storage bits per weight: ``b`` plus one fp16 scale and one uint8 zero point per group."""
+    _check_bits(bits)
+    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1):
+        raise ValueError(f"group_size: expected None or a positive int, got {group_size!r}")
+    _validate.int_in("in_features", in_features, 1)
     g = in_features if group_size is None else group_size
     return bits + (scale_bits + zero_bits) / g
 
@@ -214,6 +234,11 @@ class QuantizedExperts(_Packed, CompressedExperts):
 
     def __init__(self, experts: Experts, bits: int | Sequence[int], group_size: int | None = None,
                  symmetric: bool = False, scale_dtype: torch.dtype = torch.float16):
+        if isinstance(experts, Experts) and type(experts) is not Experts:
+            raise TypeError(f"experts: expected dense moe_course.layers.Experts, got {type(experts).__name__} "
+                            "(quantize once, as the last step, from the dense weights)")
+        if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1):
+            raise ValueError(f"group_size: expected None or a positive int, got {group_size!r}")
         CompressedExperts.__init__(self, experts)  # only packed buffers, no fp32 parameters
         E, d, h = self._sizes
         per_expert = [bits] * E if isinstance(bits, int) and not isinstance(bits, bool) else list(bits)
@@ -272,6 +297,8 @@ class QuantizedLinear(_Packed, nn.Linear):
 
     def __init__(self, linear: nn.Linear, bits: int, group_size: int | None = None, symmetric: bool = False,
                  scale_dtype: torch.dtype = torch.float16):
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
         nn.Module.__init__(self)
         _check_bits(bits)
         self.in_features, self.out_features, self.bits = linear.in_features, linear.out_features, bits
@@ -293,6 +320,8 @@ class QuantizedEmbedding(_Packed, nn.Embedding):
 
     def __init__(self, emb: nn.Embedding, bits: int, group_size: int | None = None, symmetric: bool = False,
                  scale_dtype: torch.dtype = torch.float16):
+        if not isinstance(emb, nn.Embedding):
+            raise TypeError(f"emb: expected an nn.Embedding, got {type(emb).__name__}")
         nn.Module.__init__(self)
         _check_bits(bits)
         self.num_embeddings, self.embedding_dim, self.bits = emb.num_embeddings, emb.embedding_dim, bits
@@ -354,6 +383,7 @@ def quantize(
         inplace: modify ``model`` itself instead of a copy.
     """
     layers = require_moe_layers(model, "quantize")
+    _validate.dense_experts(layers, "quantize")  # quantizing twice / after factorizing: refuse
     if targets not in TARGETS:
         raise ValueError(f"targets: expected one of {TARGETS}, got {targets!r}")
     if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1):
@@ -365,6 +395,7 @@ def quantize(
             if group_size is not None and dim % group_size:
                 raise ValueError(f"group_size: must divide d_model={layer.experts.d_model} and "
                                  f"d_hidden={layer.experts.d_hidden}, got {group_size}")
+    _validate.finite_model(model)
     out = model if inplace else copy.deepcopy(model)
     for layer, b in zip(moe_layers(out), per_layer):
         layer.experts = QuantizedExperts(layer.experts, b, group_size, symmetric, scale_dtype)
@@ -404,6 +435,10 @@ def mixed_precision_bits(stats, avg_bits: float, choices: Sequence[int] = (2, 3,
     layers = list(getattr(stats, "layers", stats))
     if not layers:
         raise ValueError("stats: expected routing statistics of at least one MoE layer")
+    for s in layers:
+        if not hasattr(s, "frequency"):
+            raise TypeError("stats: expected moe_course.metrics.RoutingStats (or per-layer stats with .frequency), "
+                            f"got {type(s).__name__}")
     choices = sorted(set(choices))
     if not choices:
         raise ValueError("choices: expected at least one bit width")

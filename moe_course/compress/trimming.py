@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import _validate
 from ..layers import MoELayer, SparseMoE, moe_layers, require_moe_layers
 from ..metrics import _forward
 from .pruning import _calib_batches, _layer_inputs, _out, _shrink
@@ -34,14 +35,27 @@ SCOPES = ("layer", "global")
 # ------------------------------------------------------------------------------------ metrics
 def residual_similarity(h: torch.Tensor, out: torch.Tensor) -> float:
     """Mean over tokens of ``cos(h_t, h_t + out_t)`` (cosine along the last, feature, dim)."""
+    _check_pair("h", h, "out", out)
     h, out = h.reshape(-1, h.shape[-1]).double(), out.reshape(-1, out.shape[-1]).double()
     return float(F.cosine_similarity(h, h + out, dim=-1).mean())
 
 
 def block_similarity(h_in: torch.Tensor, h_out: torch.Tensor) -> float:
     """Mean over tokens of ``cos(h_in_t, h_out_t)``."""
+    _check_pair("h_in", h_in, "h_out", h_out)
     a, b = h_in.reshape(-1, h_in.shape[-1]).double(), h_out.reshape(-1, h_out.shape[-1]).double()
     return float(F.cosine_similarity(a, b, dim=-1).mean())
+
+
+def _check_pair(name_a: str, a: Any, name_b: str, b: Any) -> None:
+    for name, t in ((name_a, a), (name_b, b)):
+        if not torch.is_tensor(t) or t.dim() < 1 or t.numel() == 0:
+            raise ValueError(f"{name}: expected a non-empty tensor [..., d], got "
+                             f"{tuple(t.shape) if torch.is_tensor(t) else type(t).__name__}")
+    if a.shape != b.shape:
+        raise ValueError(f"{name_b}: expected the shape of {name_a} {tuple(a.shape)}, got {tuple(b.shape)}")
+    _validate.finite(name_a, a)
+    _validate.finite(name_b, b)
 
 
 def best_contiguous_run(hidden: list[torch.Tensor], n: int) -> tuple[int, float]:
@@ -69,6 +83,7 @@ def _device(model: nn.Module) -> torch.device:
 
 @torch.no_grad()
 def _run(model: nn.Module, batches: list) -> None:
+    _validate.token_ids_in_vocab(model, batches)
     dev = _device(model)
     for b in batches:
         _forward(model, {k: torch.as_tensor(v).to(dev) for k, v in b.items()} if isinstance(b, dict) else b.to(dev))
@@ -123,6 +138,9 @@ def drop_experts(model: nn.Module, calib: Any, keep, scope: str = "layer", inpla
         if not isinstance(layer, SparseMoE):
             raise TypeError(f"model: expert drop needs sparse top-k MoE layers, got {type(layer).__name__}")
     n = _resolve_keep(keep, layers, scope)
+    _validate.dense_experts(layers, "drop_experts")
+    _validate.router_kind(layers, "drop_experts", ("TopKRouter", "SkippingRouter"))
+    _validate.finite_model(model)
     scores = expert_scores(model, calib)
     if scope == "layer":
         kept = [sorted(s.argsort(descending=True, stable=True)[:n].tolist()) for s in scores]
@@ -147,6 +165,8 @@ class Skipped(nn.Module):
 
     def __init__(self, index: int | None = None) -> None:
         super().__init__()
+        if index is not None:
+            _validate.int_in("index", index, 0)
         self.index = index
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -203,6 +223,8 @@ def drop_layers(model: nn.Module, calib: Any, n: int, inplace: bool = False) -> 
 def block_hidden_states(model: nn.Module, calib: Any) -> list[torch.Tensor]:
     """The ``L + 1`` hidden states ``[T, d]`` on ``calib``: the input of every block, then the
     output of the last one."""
+    if not isinstance(getattr(model, "blocks", None), nn.ModuleList) or not len(model.blocks):
+        raise TypeError("model: expected a model with .blocks (MoETransformerLM / MoEClassifier)")
     batches = _calib_batches(calib)
     blocks = model.blocks
     store = [[] for _ in range(len(blocks) + 1)]
