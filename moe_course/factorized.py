@@ -158,7 +158,8 @@ def _entmax15_threshold(zs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     mean_sq = (zs * zs).cumsum(1) / rho
     delta = (1 - rho * (mean_sq - mean * mean)) / rho
     tau = mean - delta.clamp_min(0).sqrt()
-    return tau, (tau <= zs).sum(dim=1, keepdim=True)
+    # clamp: a row with a NaN has no valid support; it must come out NaN (as softmax does), not crash
+    return tau, (tau <= zs).sum(dim=1, keepdim=True).clamp_min(1)
 
 
 _ENTMAX_TOPK = 32  # rows are first solved on their 32 largest entries: a full sort is the slow part
@@ -354,7 +355,7 @@ class UnfactorizedMuMoE(_MultilinearLayer):
             a = (a[:, :, None] * c[:, None, :]).reshape(a.shape[0], -1)
         rows = self.weight.shape[-2]
         w = self.weight.reshape(self.num_experts, rows * self.out_features)
-        mixed = (a @ w).view(-1, rows, self.out_features)  # contraction 1: W(a), one matrix per token
+        mixed = (a.to(w.dtype) @ w).view(-1, rows, self.out_features)  # contraction 1: W(a), one matrix per token
         y = torch.bmm(self._with_one(flat).unsqueeze(1), mixed).squeeze(1)  # contraction 2: z W(a)
         return y.reshape(*z.shape[:-1], self.out_features)
 
@@ -520,13 +521,28 @@ class MuMoEGate(nn.Module):
         return [getattr(self, f"mask_{e}") for e in range(len(self.expert_modes))]
 
     def logits(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Normalised gate logits ``[T, N_e]`` per mode (before ``phi``)."""
+        """Normalised gate logits ``[T, N_e]`` per mode (before ``phi``), in float32 even under autocast
+        (like :class:`~moe_course.layers.TopKRouter`: half-precision logits flip the sparse support)."""
         flat = _flatten_input(x, self.in_features, "x")
-        return [norm(flat @ w.to(flat.dtype)) for w, norm in zip(self.weights, self.norms)]
+        with torch.autocast(device_type=flat.device.type, enabled=False):
+            logits = [flat.float() @ w.float() for w in self.weights]
+            if self.normalization == "ln":
+                # LayerNorm is scale invariant, but its variance overflows float32 for |logits| above
+                # ~1e19 (NaN gates); rows that large are divided by their max first (others untouched).
+                logits = [v / torch.where(a > 2.0 ** 60, a, torch.ones_like(a))
+                          for v, a in ((v, v.detach().abs().amax(dim=-1, keepdim=True)) for v in logits)]
+            out = []
+            for v, norm in zip(logits, self.norms):
+                stats = getattr(norm, "running_mean", None)  # BatchNorm buffers follow model.to(dtype)
+                out.append(norm(v if stats is None else v.to(stats.dtype)).float())
+        return out
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Float32 expert coefficients ``[T, N_e]`` per mode (the layers cast them to their dtype)."""
         phi: Callable = entmax15 if self.activation == "entmax15" else (lambda v: torch.softmax(v, dim=-1))
-        return [phi(l) * m.to(l.dtype) for l, m in zip(self.logits(x), self.masks)]
+        logits = self.logits(x)
+        with torch.autocast(device_type=logits[0].device.type, enabled=False):
+            return [phi(l) * m.to(l.dtype) for l, m in zip(logits, self.masks)]
 
     def silence(self, experts: Sequence[int], mode: int = 0) -> None:
         """Zero the coefficients of ``experts`` of expert mode ``mode`` (an edit; :meth:`restore` undoes it)."""
@@ -808,6 +824,9 @@ def cp_als(tensor: torch.Tensor, rank: int, n_iter: int = 100, tol: float = 1e-7
                          f"{tuple(tensor.shape) if torch.is_tensor(tensor) else type(tensor).__name__}")
     _check_pos_int("rank", rank)
     _check_pos_int("n_iter", n_iter)
+    from ._validate import finite
+
+    finite("tensor", tensor)
     x = tensor.detach().to(torch.float64)
     norm = x.norm().clamp_min(1e-300)
     gen = torch.Generator(device="cpu").manual_seed(seed)

@@ -11,6 +11,19 @@ another thread count gives the same model up to float rounding.
 Entries are written into a temporary directory and renamed into place (atomic), a corrupt or
 mismatched entry is rebuilt with a warning, and an ``fcntl`` lock file per entry makes a second
 process wait for the first one's training instead of training again.
+
+Faults and what happens (tested in ``tests/test_zoo_faults.py``):
+
+* truncated or foreign ``model.safetensors`` (unreadable, wrong keys or shapes, or bytes that do not
+  match the SHA-256 recorded in ``metadata.json``), garbage ``config.json``, a ``metadata.json`` of
+  another entry or zoo version: the entry is rebuilt with a warning, never silently loaded;
+* a process killed while writing leaves only a ``.tmp-*`` directory (the entry appears by one
+  rename): the next call trains again and removes the leftovers; a killed lock holder releases its
+  lock with its death;
+* a cache directory that cannot be written (read-only, not a directory): valid entries still
+  load; anything that needs writing raises ``PermissionError`` naming the directory and
+  ``$MOE_COURSE_CACHE`` (point it, or ``cache_dir=``, at a writable directory);
+* weights are read with ``safetensors`` only; nothing in the package unpickles.
 """
 
 from __future__ import annotations
@@ -68,6 +81,8 @@ def _resolve_preset(preset: str) -> str:
 def cache_dir(path: str | os.PathLike | None = None) -> Path:
     """The zoo's cache directory: ``path``, else ``$MOE_COURSE_CACHE``, else ``$XDG_CACHE_HOME/moe_course``
     (``~/.cache/moe_course`` when ``XDG_CACHE_HOME`` is unset)."""
+    if path is not None and not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path: expected a str, os.PathLike or None, got {type(path).__name__}")
     if path is None:
         path = os.environ.get(ENV_VAR) or None
     if path is None:
@@ -164,12 +179,22 @@ def data(name: str, preset: str = "auto") -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 # locking and atomic writes
 # --------------------------------------------------------------------------------------------
+def _unwritable(root: Path, err: OSError) -> PermissionError:
+    return PermissionError(
+        f"zoo cache directory {root} is not writable ({type(err).__name__}: {err}); set the environment "
+        f"variable {ENV_VAR} (or pass cache_dir=...) to a writable directory")
+
+
 @contextlib.contextmanager
 def _locked(entry: Path) -> Iterator[None]:
     """Exclusive per-entry lock (``<entry>.lock``); a second process blocks here until the first is done."""
-    entry.parent.mkdir(parents=True, exist_ok=True)
     lock_path = entry.parent / (entry.name + ".lock")
-    with open(lock_path, "a+") as fh:
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(lock_path, "a+")
+    except OSError as err:
+        raise _unwritable(entry.parent, err) from err
+    with fh:
         if fcntl is not None:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
         try:
@@ -181,6 +206,27 @@ def _locked(entry: Path) -> Iterator[None]:
 
 def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True))
+
+
+def _remove_leftovers(entry: Path) -> None:
+    """Delete temp/old directories of ``entry`` left by a killed writer (call only holding the lock)."""
+    if fcntl is None:  # without a real lock another writer's temp dir may be in use
+        return
+    for prefix in (f".tmp-{entry.name}-", f".old-{entry.name}-"):
+        for p in entry.parent.glob(prefix + "*"):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    p.unlink()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _publish(tmp: Path, entry: Path) -> None:
@@ -208,8 +254,14 @@ def _load(entry: Path, spec: dict[str, Any]) -> tuple[torch.nn.Module | None, st
             if not (entry / f).is_file():
                 return None, f"missing file {f}"
         stored = json.loads((entry / "config.json").read_text())
-        if stored.get("spec") != spec:
+        if not isinstance(stored, dict) or stored.get("spec") != spec:
             return None, "config mismatch"
+        info = json.loads((entry / "metadata.json").read_text())
+        if not isinstance(info, dict) or info.get("key") != _key(spec) or info.get("zoo_version") != ZOO_VERSION:
+            return None, "metadata mismatch (another entry or zoo version)"
+        # Entries written since the checksum was added record it; older ones are still checked above.
+        if "weights_sha256" in info and _sha256(entry / "model.safetensors") != info["weights_sha256"]:
+            return None, "model.safetensors does not match the SHA-256 in metadata.json"
         cls = _models.LMConfig if stored["model_class"] == "LMConfig" else _models.ClassifierConfig
         model = _models.model_from_config(cls.from_dict(stored["model_config"]))
         model.load_state_dict(load_file(entry / "model.safetensors"), strict=True)
@@ -219,10 +271,9 @@ def _load(entry: Path, spec: dict[str, Any]) -> tuple[torch.nn.Module | None, st
             if not (entry / _TOKENIZER).is_file():
                 return None, f"missing file {_TOKENIZER}"
             model.tokenizer = CharTokenizer.load(entry / _TOKENIZER)
-        info = json.loads((entry / "metadata.json").read_text())
+        model.zoo_info = {**info, "path": str(entry), "source": "cache"}
     except Exception as err:  # any unreadable piece means: rebuild
         return None, f"{type(err).__name__}: {err}"
-    model.zoo_info = {**info, "path": str(entry), "source": "cache"}
     model.eval()
     return model, ""
 
@@ -274,6 +325,7 @@ def _train_and_save(spec: dict[str, Any], entry: Path, progress: bool) -> None:
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; a shared cache should stay readable
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         save_file(state, tmp / "model.safetensors")
+        meta["weights_sha256"] = _sha256(tmp / "model.safetensors")
         if tok is not None:
             tok.save(tmp / _TOKENIZER)
         _write_json(tmp / "config.json", {"spec": spec, "model_class": type(model_cfg).__name__,
@@ -326,7 +378,11 @@ def pretrained(
                 return model
             if reason != "missing":
                 warnings.warn(f"zoo cache entry {entry} is unusable ({reason}); retraining it", stacklevel=2)
-        _train_and_save(spec, entry, progress)
+        _remove_leftovers(entry)
+        try:
+            _train_and_save(spec, entry, progress)
+        except PermissionError as err:
+            raise _unwritable(entry.parent, err) from err
         model, reason = _load(entry, spec)
     if model is None:
         raise RuntimeError(f"zoo entry {entry} could not be read back after training ({reason})")
@@ -335,17 +391,21 @@ def pretrained(
 
 
 def is_cached(name: str, preset: str = "auto", cache_dir: str | os.PathLike | None = None) -> bool:
-    """Whether ``pretrained(name, preset)`` would load without training (files present, config matches)."""
+    """Whether ``pretrained(name, preset)`` would load without training (files present, config and
+    metadata match; the weights' checksum is only verified by ``pretrained``)."""
     _check_name(name)
     preset = _resolve_preset(preset)
     spec = _spec(name, preset)
     entry = _entry_path(spec, cache_dir)
     try:
         stored = json.loads((entry / "config.json").read_text())
+        info = json.loads((entry / "metadata.json").read_text())
     except (OSError, ValueError):
         return False
     needed = _FILES + ((_TOKENIZER,) if name == "shakespeare-moe" else ())
-    return stored.get("spec") == spec and all((entry / f).is_file() for f in needed)
+    return (isinstance(stored, dict) and stored.get("spec") == spec and isinstance(info, dict)
+            and info.get("key") == _key(spec) and info.get("zoo_version") == ZOO_VERSION
+            and all((entry / f).is_file() for f in needed))
 
 
 __all__ = ["pretrained", "data", "is_cached", "cache_dir", "entry_dir", "NAMES", "PRESETS", "ZOO_VERSION"]
