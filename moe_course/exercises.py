@@ -10,7 +10,9 @@ feed the solutions to nbgrader). :func:`generate` writes ``exercises/NN_topic.ip
 * ``### BEGIN HIDDEN TESTS`` ... ``### END HIDDEN TESTS`` regions are removed;
 * cells tagged ``solution-only`` are dropped;
 * outputs, execution counts, execution timings and ``metadata.widgets`` are cleared;
-* a Colab badge and a Colab-only install cell are put at the top.
+* a Colab badge and a Colab-only install cell are put at the top. A solution notebook carries the
+  same two cells with its own badge (:func:`add_solution_headers` puts them there); they are
+  replaced, never duplicated, so a solution with or without its header gives the same exercise.
 
 The output is a pure function of the input bytes, so ``check=True`` compares bytes and CI fails
 when someone edits a solution without regenerating (or edits an exercise by hand).
@@ -40,6 +42,8 @@ __all__ = [
     "solution_regions",
     "make_exercise",
     "generate",
+    "colab_badge",
+    "add_solution_headers",
 ]
 
 BEGIN_SOLUTION = "### BEGIN SOLUTION"
@@ -57,6 +61,22 @@ NOTEBOOK_GLOB = "[0-9][0-9]_*.ipynb"
 
 BADGE_CELL_ID = "moe-course-colab-badge"
 INSTALL_CELL_ID = "moe-course-colab-install"
+COLAB_BADGE_IMAGE = "https://colab.research.google.com/assets/colab-badge.svg"
+# Installs the course package on Colab and does nothing anywhere else (a local checkout has it
+# installed with `pip install -e .`). `%pip` inside the `if` is fine: IPython rewrites indented
+# line magics too.
+INSTALL_SOURCE = (
+    "# On Colab, install the course package first (locally: `pip install -e .` in the repository).\n"
+    "import sys\n"
+    "\n"
+    'if "google.colab" in sys.modules:\n'
+    f'    %pip install -q "moe-course @ git+{REPO_URL}@{BRANCH}"'
+)
+_SOLUTION_NOTE = "*Solution notebook"
+# A Colab badge link at the very start of a markdown cell, whatever notebook it opens.
+_BADGE_RE = re.compile(
+    r"\A\s*\[!\[[^\]]*\]\(" + re.escape(COLAB_BADGE_IMAGE) + r"\)\]\(https://colab\.research\.google\.com/[^)\s]*\)[ \t]*\n?"
+)
 
 _DEF_RE = re.compile(r"^(?P<indent>[ \t]*)(?:async[ \t]+)?def[ \t]+(?P<name>\w+)")
 # Cell metadata that records *when* or *how* a cell ran, not what it is.
@@ -231,21 +251,27 @@ def _strip_cell(cell: NotebookNode, regions: list[SolutionRegion], where: str) -
     cell.source = "".join(out)
 
 
-def _header_cells(name: str, with_ids: bool) -> list[NotebookNode]:
-    badge = nbformat.v4.new_markdown_cell(
-        f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]"
-        f"({COLAB_URL}/blob/{BRANCH}/exercises/{name})\n"
-        "\n"
-        f"*Exercise notebook generated from `solutions/{name}` by `moe-course exercises`. "
-        "Fill in every `# YOUR CODE HERE`; the check cell after each exercise tells you how you did.*"
-    )
-    install = nbformat.v4.new_code_cell(
-        "# On Colab, install the course package first (locally: `pip install -e .` in the repository).\n"
-        "import sys\n"
-        "\n"
-        'if "google.colab" in sys.modules:\n'
-        f'    %pip install -q "moe-course @ git+{REPO_URL}@{BRANCH}"'
-    )
+def colab_badge(folder: str, name: str) -> str:
+    """Markdown for an "Open In Colab" badge opening ``folder/name`` of the repository's main branch."""
+    if folder not in ("exercises", "solutions"):
+        raise ValueError(f"folder must be 'exercises' or 'solutions', got {folder!r}")
+    return f"[![Open In Colab]({COLAB_BADGE_IMAGE})]({COLAB_URL}/blob/{BRANCH}/{folder}/{name})"
+
+
+def _header_cells(name: str, with_ids: bool, folder: str = "exercises") -> list[NotebookNode]:
+    if folder == "exercises":
+        note = (
+            f"*Exercise notebook generated from `solutions/{name}` by `moe-course exercises`. "
+            "Fill in every `# YOUR CODE HERE`; the check cell after each exercise tells you how you did.*"
+        )
+    else:
+        note = (
+            f"{_SOLUTION_NOTE}: every exercise solved, with its outputs. This file is the source of "
+            f"`exercises/{name}` (`moe-course exercises` writes it), which has the same cells with "
+            "the answers left for you to write.*"
+        )
+    badge = nbformat.v4.new_markdown_cell(f"{colab_badge(folder, name)}\n\n{note}")
+    install = nbformat.v4.new_code_cell(INSTALL_SOURCE)
     cells = [badge, install]
     for cell, cell_id in zip(cells, (BADGE_CELL_ID, INSTALL_CELL_ID)):
         if with_ids:
@@ -253,6 +279,46 @@ def _header_cells(name: str, with_ids: bool) -> list[NotebookNode]:
         else:
             cell.pop("id", None)
     return cells
+
+
+def _is_header_badge(cell: NotebookNode) -> bool:
+    if cell.get("cell_type") != "markdown":
+        return False
+    return cell.get("id") == BADGE_CELL_ID or _BADGE_RE.match(_source(cell)) is not None
+
+
+def _is_header_install(cell: NotebookNode) -> bool:
+    if cell.get("cell_type") != "code":
+        return False
+    source = _source(cell)
+    return cell.get("id") == INSTALL_CELL_ID or source == INSTALL_SOURCE
+
+
+def _solution_header(nb: NotebookNode) -> dict[int, NotebookNode | None]:
+    """The leading Colab header of a solution: ``{cell index: what replaces it}``.
+
+    A badge cell of our own (its id, or nothing left but the badge and our note) and an install
+    cell are dropped (``None``); an author's cell that merely starts with a Colab badge keeps the
+    rest of its text.
+    """
+    header: dict[int, NotebookNode | None] = {}
+    cells = nb.cells
+    i = 0
+    markers = any(_marker(line) for line in _source(cells[0]).splitlines()) if cells else False
+    if cells and _is_header_badge(cells[0]) and not markers:
+        rest = _BADGE_RE.sub("", _source(cells[0]), count=1).lstrip("\n")
+        if rest.startswith(_SOLUTION_NOTE):  # our note is one paragraph: drop it with the badge
+            rest = rest.split("\n\n", 1)[1] if "\n\n" in rest else ""
+        if cells[0].get("id") == BADGE_CELL_ID or not rest.strip():
+            header[0] = None
+        else:
+            kept = copy.deepcopy(cells[0])
+            kept.source = rest
+            header[0] = kept
+        i = 1
+    if i < len(cells) and _is_header_install(cells[i]):
+        header[i] = None
+    return header
 
 
 def make_exercise(solution: NotebookNode, name: str, label: str | None = None) -> NotebookNode:
@@ -266,8 +332,14 @@ def make_exercise(solution: NotebookNode, name: str, label: str | None = None) -
     regions = solution_regions(nb, label)
     with_ids = nb.get("nbformat_minor", 0) >= 5
 
+    header = _solution_header(nb)  # the solution's own badge and install cell are replaced
+
     cells: list[NotebookNode] = []
     for index, cell in enumerate(nb.cells):
+        if index in header:
+            if header[index] is None:
+                continue
+            cell = header[index]
         if SOLUTION_ONLY_TAG in cell.get("metadata", {}).get("tags", []):
             continue
         if cell.cell_type in ("code", "markdown"):
@@ -350,3 +422,61 @@ def generate(
                 if not check:
                     orphan.unlink()
     return changed
+
+
+def add_solution_headers(
+    solutions_dir: str | os.PathLike = "solutions", check: bool = False
+) -> list[Path]:
+    """Put a Colab badge (opening the solution itself) and the Colab-only install cell at the top
+    of every ``solutions_dir/NN_*.ipynb``; return the notebooks that changed (or, with
+    ``check=True``, that would change; nothing is written then).
+
+    Idempotent, and it only touches those two leading cells: an old header of ours is replaced,
+    every other cell keeps its bytes, and nothing is executed (the install cell has no output, as
+    it would have off Colab). The exercises generated afterwards are the same as before.
+    """
+    solutions = Path(solutions_dir)
+    if not solutions.is_dir():
+        raise FileNotFoundError(f"solutions_dir must be a directory of notebooks, got {str(solutions)!r}")
+    changed: list[Path] = []
+    for path in sorted(solutions.glob(NOTEBOOK_GLOB)):
+        nb = nbformat.read(path, as_version=nbformat.NO_CONVERT)
+        with_ids = nb.get("nbformat_minor", 0) >= 5
+        ours = [i for i, cell in _solution_header(nb).items() if cell is None]
+        body = [cell for i, cell in enumerate(nb.cells) if i not in ours]
+        header = _header_cells(path.name, with_ids, folder="solutions")
+        for k, fresh in enumerate(header):  # an identical old cell keeps its run (count, outputs)
+            old = next((nb.cells[i] for i in ours if nb.cells[i].cell_type == fresh.cell_type
+                        and _source(nb.cells[i]) == fresh.source), None)
+            if old is not None:
+                header[k] = copy.deepcopy(old)
+                if with_ids:
+                    header[k]["id"] = fresh["id"]
+        nb.cells = header + body
+        data = _render(nb)
+        if path.read_bytes() == data:
+            continue
+        changed.append(path)
+        if not check:
+            _atomic_write(path, data)
+    return changed
+
+
+def _main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m moe_course.exercises",
+        description="Put the Colab badge and install cell at the top of every solution notebook.",
+    )
+    parser.add_argument("solutions", nargs="?", default="solutions", help="default: ./solutions")
+    parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if any would change")
+    args = parser.parse_args(argv)
+    changed = add_solution_headers(args.solutions, check=args.check)
+    for path in changed:
+        print(f"{'needs a header' if args.check else 'wrote'}: {path}")
+    return 1 if (args.check and changed) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

@@ -1,7 +1,15 @@
-"""Shared pytest setup: GPU tests skip themselves on machines without CUDA."""
+"""Shared pytest setup: GPU tests skip themselves on machines without CUDA; the website is
+built once per session for tests/test_book.py and tests/test_site.py."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def pytest_collection_modifyitems(config, items):
@@ -21,3 +29,21 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def built_book(tmp_path_factory):
+    """Build the book ONCE per session, strictly (``moe-course book --strict``: ``-W -n
+    --keep-going``), into a temporary folder; returns ``(CompletedProcess, html_dir)``.
+
+    Session-scoped so that tests/test_book.py (the build and its pages) and tests/test_site.py
+    (the same pages in a browser) share one build instead of paying for two.
+    """
+    pytest.importorskip("jupyter_book")
+    out = tmp_path_factory.mktemp("book")
+    env = {**os.environ, "TQDM_DISABLE": "1", "MPLBACKEND": "Agg"}
+    done = subprocess.run(
+        [sys.executable, "-m", "moe_course.cli", "book", "--strict", "--path-output", str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+    )
+    return done, out / "_build" / "html"

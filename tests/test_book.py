@@ -1,21 +1,30 @@
-"""The website: book/ builds with warnings as errors, from stored outputs, executing nothing."""
+"""The website: book/ builds with warnings as errors, from stored outputs, executing nothing, with
+its math bundled; and the course material it links: every chapter has an exercise and a solution
+notebook, a row on the exercises page, and Colab headers that the generator handles.
+
+The build itself is the session fixture ``built_book`` in conftest.py (shared with test_site.py,
+which opens the same pages in a browser).
+"""
 
 from __future__ import annotations
 
 import html
-import os
+import json
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import nbformat
 import pytest
 
+from moe_course import exercises as gen
+
 yaml = pytest.importorskip("yaml")
 
 REPO = Path(__file__).resolve().parents[1]
 BOOK = REPO / "book"
+SOLUTIONS = REPO / "solutions"
+MATHJAX = BOOK / "_ext" / "static" / "mathjax"
 
 
 def _toc_files() -> list[str]:
@@ -93,18 +102,6 @@ def _first_plain_output_line(nb: nbformat.NotebookNode) -> str | None:
     return None
 
 
-@pytest.fixture(scope="module")
-def built_book(tmp_path_factory):
-    pytest.importorskip("jupyter_book")
-    out = tmp_path_factory.mktemp("book")
-    env = {**os.environ, "TQDM_DISABLE": "1", "MPLBACKEND": "Agg"}
-    done = subprocess.run(
-        [sys.executable, "-m", "moe_course.cli", "book", "--strict", "--path-output", str(out)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
-    )
-    return done, out / "_build" / "html"
-
-
 def test_book_builds_without_warnings(built_book):
     done, html_dir = built_book
     log = done.stdout + done.stderr
@@ -132,3 +129,163 @@ def test_bibliography_renders_entries(built_book):
     page = (html_dir / "bibliography.html").read_text(encoding="utf-8")
     for title in ("Adaptive Mixtures of Local Experts", "Switch Transformers", "Git Re-Basin"):
         assert title.lower() in page.lower()
+
+
+# --- Math without network ---------------------------------------------------------------------
+
+
+def test_config_points_mathjax_at_the_bundled_copy():
+    config = yaml.safe_load((BOOK / "_config.yml").read_text())
+    path = config["sphinx"]["config"]["mathjax_path"]
+    assert "://" not in path and not path.startswith("//"), f"mathjax_path {path!r} needs the network"
+    assert (MATHJAX.parent / path).is_file(), f"{path} is not bundled in {MATHJAX.parent}"
+    assert "offline_assets" in config["sphinx"]["local_extensions"]
+    fonts = list((MATHJAX / "output" / "chtml" / "fonts" / "woff-v2").glob("*.woff"))
+    assert len(fonts) >= 20, "tex-chtml.js loads its woff-v2 fonts from output/chtml/fonts/woff-v2"
+    assert (MATHJAX / "LICENSE").is_file()
+    # Jupyter Book 1 puts every .js under book/_static on every page: MathJax must not be there.
+    assert not list((BOOK / "_static").rglob("*mathjax*")), "keep MathJax out of book/_static"
+
+
+def test_built_pages_load_mathjax_once_from_the_site(built_book):
+    done, html_dir = built_book
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert (html_dir / "_static" / "mathjax" / "tex-chtml.js").is_file()
+    assert (html_dir / "_static" / "mathjax" / "output" / "chtml" / "fonts" / "woff-v2" / "MathJax_Main-Regular.woff").is_file()
+    pages_with_math = 0
+    for stem in _toc_files():
+        page = (html_dir / f"{stem}.html").read_text(encoding="utf-8")
+        scripts = re.findall(r'<script[^>]*src="([^"]*mathjax[^"]*)"', page, flags=re.I)
+        assert all("://" not in src for src in scripts), f"{stem}.html loads MathJax from {scripts}"
+        assert len(scripts) <= 1, f"{stem}.html loads MathJax {len(scripts)} times: {scripts}"
+        if 'class="math' in page:
+            pages_with_math += 1
+            assert [src.split("?")[0] for src in scripts] == ["_static/mathjax/tex-chtml.js"], (
+                f"{stem}.html has math but loads MathJax from {scripts}"
+            )
+        assert "cdn.jsdelivr.net" not in page
+    assert pages_with_math >= 5, "the chapters' equations did not reach the pages as math"
+
+
+# --- Exercises, solutions and their Colab headers -----------------------------------------------
+
+
+def _solution_stems() -> list[str]:
+    return sorted(p.stem for p in SOLUTIONS.glob(gen.NOTEBOOK_GLOB))
+
+
+def _chapter_stems() -> list[str]:
+    return [stem for stem in _toc_files() if re.match(r"\d\d_", stem)]
+
+
+@pytest.mark.parametrize("stem", _solution_stems())
+def test_solution_notebook_starts_with_its_own_colab_header(stem):
+    nb = nbformat.read(SOLUTIONS / f"{stem}.ipynb", as_version=4)
+    badge, install = nb.cells[0], nb.cells[1]
+    fix = "run `python -m moe_course.exercises` (adds the header, touches no other cell)"
+    assert badge.cell_type == "markdown" and badge.source.startswith(gen.colab_badge("solutions", f"{stem}.ipynb")), fix
+    assert install.cell_type == "code" and install.source == gen.INSTALL_SOURCE, fix
+    assert sum("colab-badge.svg" in c.source for c in nb.cells if c.cell_type == "markdown") == 1
+    if nb.nbformat_minor >= 5:  # stable ids: the generator finds the header by id first
+        assert (badge.id, install.id) == (gen.BADGE_CELL_ID, gen.INSTALL_CELL_ID), fix
+
+
+def _without_header(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
+    bare = nbformat.from_dict(json.loads(json.dumps(nb)))
+    bare.cells = [c for c in bare.cells if c.get("id") not in (gen.BADGE_CELL_ID, gen.INSTALL_CELL_ID)]
+    return bare
+
+
+@pytest.mark.parametrize("stem", _solution_stems())
+def test_solution_header_becomes_the_exercise_header(stem):
+    """A solution with or without its Colab header gives the same bytes of exercise, which opens
+    itself (not the solution) in Colab and installs the package once."""
+    nb = nbformat.read(SOLUTIONS / f"{stem}.ipynb", as_version=4)
+    name = f"{stem}.ipynb"
+    with_header = nbformat.writes(gen.make_exercise(nb, name))
+    assert with_header == nbformat.writes(gen.make_exercise(_without_header(nb), name))
+    ex = gen.make_exercise(nb, name)
+    text = json.dumps(ex)
+    assert ex.cells[0].source.startswith(gen.colab_badge("exercises", name))
+    assert f"blob/main/solutions/{name}" not in text and text.count("colab-badge.svg") == 1
+    assert sum(c.source == gen.INSTALL_SOURCE for c in ex.cells) == 1
+
+
+def test_add_solution_headers_is_idempotent_and_keeps_other_cells(tmp_path):
+    src = SOLUTIONS / f"{_solution_stems()[0]}.ipynb"
+    nb = _without_header(nbformat.read(src, as_version=nbformat.NO_CONVERT))
+    nb.cells[0].source = gen.colab_badge("solutions", "other.ipynb") + "\n\n" + nb.cells[0].source  # an author's own badge
+    target = tmp_path / src.name
+    target.write_text(nbformat.writes(nb) + "\n", encoding="utf-8")
+    before = nbformat.read(target, as_version=4)
+    assert gen.add_solution_headers(tmp_path, check=True) == [target]
+    assert gen.add_solution_headers(tmp_path) == [target]
+    after = nbformat.read(target, as_version=4)
+    assert [c.get("id") for c in after.cells[:2]] == [gen.BADGE_CELL_ID, gen.INSTALL_CELL_ID]
+    assert after.cells[2:] == before.cells  # every other cell as it was, outputs included
+    data = target.read_bytes()
+    assert gen.add_solution_headers(tmp_path) == [] and target.read_bytes() == data
+    # Without our header, an author's leading badge line is replaced too; the rest of the cell stays.
+    ex = gen.make_exercise(before, src.name)
+    assert ex.cells[0].source.startswith(gen.colab_badge("exercises", src.name))
+    assert ex.cells[2].source == before.cells[0].source.split("\n\n", 1)[1]
+
+
+def test_exercise_install_cell_installs_the_package_only_on_colab():
+    """Off Colab the cell runs and does nothing; on Colab it pip-installs this repository."""
+    from IPython.core.inputtransformer2 import TransformerManager
+
+    code = TransformerManager().transform_cell(gen.INSTALL_SOURCE)
+    calls = []
+
+    class FakeIPython:
+        def run_line_magic(self, name, line):
+            calls.append((name, line))
+
+    assert "google.colab" not in sys.modules
+    exec(compile(code, "<install>", "exec"), {"get_ipython": FakeIPython})
+    assert calls == []
+    try:
+        sys.modules["google.colab"] = type(sys)("google.colab")
+        exec(compile(code, "<install>", "exec"), {"get_ipython": FakeIPython})
+    finally:
+        sys.modules.pop("google.colab", None)
+    assert calls == [("pip", f'install -q "moe-course @ git+{gen.REPO_URL}@{gen.BRANCH}"')]
+
+
+def test_exercises_page_has_a_row_for_every_solution():
+    page = (BOOK / "exercises.md").read_text(encoding="utf-8")
+    rows = [line for line in page.splitlines() if re.match(r"\|\s*\d+\s*\|", line)]
+    missing = []
+    for stem in _solution_stems():
+        number = int(stem[:2])
+        row = next((r for r in rows if re.match(rf"\|\s*{number}\s*\|", r)), "")
+        wanted = [
+            f"]({stem}.ipynb)",
+            f"{gen.COLAB_URL}/blob/{gen.BRANCH}/exercises/{stem}.ipynb",
+            f"{gen.COLAB_URL}/blob/{gen.BRANCH}/solutions/{stem}.ipynb",
+            f"{gen.REPO_URL}/blob/{gen.BRANCH}/exercises/{stem}.ipynb",
+        ]
+        if not all(w in row for w in wanted):
+            missing.append(stem)
+    assert not missing, f"book/exercises.md needs a complete row (chapter, exercise, solution) for {missing}"
+    assert len(rows) == len(_solution_stems()), "book/exercises.md has a row without a solution notebook"
+
+
+def test_every_chapter_has_a_solution_and_links_its_exercise_notebook():
+    chapters = _chapter_stems()
+    assert set(chapters) == set(_solution_stems()), "each chapter in _toc.yml needs solutions/<same name>.ipynb"
+    lacking = []
+    for stem in chapters:
+        nb = nbformat.read(BOOK / f"{stem}.ipynb", as_version=4)
+        text = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
+        if f"{gen.REPO_URL}/blob/{gen.BRANCH}/exercises/{stem}.ipynb" not in text and \
+                f"{gen.COLAB_URL}/blob/{gen.BRANCH}/exercises/{stem}.ipynb" not in text:
+            lacking.append(stem)
+    assert not lacking, f"these chapters do not link their exercise notebook: {lacking}"
+
+
+def test_index_maps_every_chapter():
+    index = (BOOK / "index.md").read_text(encoding="utf-8")
+    unlinked = [stem for stem in _chapter_stems() if f"]({stem}.ipynb)" not in index]
+    assert not unlinked, f"book/index.md's map of the course does not link {unlinked}"
