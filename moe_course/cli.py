@@ -1,9 +1,23 @@
-"""The ``moe-course`` command: build the book, regenerate exercises, check the environment.
+"""The ``moe-course`` command: build the book, regenerate exercises, check the environment,
+print the compression table, grade students' notebooks.
 
-    moe-course book [--strict]          # jupyter-book build book/ (from stored outputs)
-    moe-course exercises [--check]      # exercises/ from solutions/
-    moe-course doctor                   # versions, device, cache, cached zoo models
+    moe-course book [--strict] [--all]          # jupyter-book build book/ (from stored outputs)
+    moe-course exercises [--check]              # exercises/ from solutions/
+    moe-course doctor                           # versions, device, cache, cached zoo models, kernel
+    moe-course table --model NAME [--quick]     # compression comparison: table, CSV, PNG frontier
+    moe-course grade PATH... [--out DIR]        # run students' notebooks, collect the check results
     moe-course --version
+
+Exit codes (every command):
+
+    0  success (``grade``: every expected exercise of every notebook passed)
+    1  the command ran but found a problem: ``exercises --check`` stale, ``book`` build failed,
+       ``grade`` some exercise did not pass, ``table`` the measurement failed
+    2  usage error: unknown command or option, bad path, unknown model name, missing tool;
+       one line on stderr, ``moe-course COMMAND: error: ...``
+
+``moe-course grade``: see :mod:`moe_course.grading.runner` for how notebooks are executed, how
+student ids are derived and what each status means.
 """
 
 from __future__ import annotations
@@ -22,6 +36,11 @@ from moe_course import __version__
 __all__ = ["main", "find_repo_root", "find_book_dir", "cache_dir"]
 
 DEFAULT_ZOO_MODELS = ("shakespeare-moe", "mnist1d-moe")
+TABLE_MODELS = ("shakespeare-moe", "mnist1d-moe")  # mirrors moe_course.compress.recipes.TABLE_MODELS
+EXIT_CODES = """exit codes:
+  0  success{extra0}
+  1  {extra1}
+  2  usage error (bad option, path or name): one line on stderr"""
 # Runs jupyter-book's click entry point with this interpreter, so the book is built by the
 # environment that has moe_course installed (a stray `jupyter-book` on PATH may not).
 _JB_LAUNCHER = (
@@ -158,8 +177,15 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
         print(f"device       {device} (preset: {default_preset(device)})")
     except Exception as err:  # the device module may be mid-rewrite or torch may be missing
         print(f"device       unavailable ({type(err).__name__}: {err})")
-    for dist in ("datasets", "jupyter-book", "nbval"):
+    for dist in ("datasets", "matplotlib", "nbclient", "jupyter-book", "nbval"):
         print(f"{dist:<12} {_version_of(dist)}")
+    try:
+        from jupyter_client.kernelspec import KernelSpecManager
+
+        spec = KernelSpecManager().get_kernel_spec("python3")
+        print(f"kernel       python3 ({spec.argv[0]})")
+    except Exception as err:  # no jupyter_client, or no python3 kernel: `moe-course grade` cannot run
+        print(f"kernel       python3 unavailable ({type(err).__name__}); `moe-course grade` needs it")
 
     try:
         zoo = importlib.import_module("moe_course.zoo")
@@ -180,10 +206,184 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    if text.strip() == "0":
+        return 0.0
+    return _positive_float(text)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _output_dir(path: str | os.PathLike, option: str = "--out") -> Path:
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{option} must be a directory, got file {str(out)!r}")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"{option}: cannot create {str(out)!r} ({err.strerror or err})") from None
+    if not os.access(out, os.W_OK):
+        raise UsageError(f"{option}: directory {str(out)!r} is not writable")
+    return out
+
+
+def _format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def format_table(rows: Sequence[dict]) -> str:
+    """The compression table as aligned text: technique, steps, size, ratio, quality, latency."""
+    if not rows:
+        return "(no rows)"
+    metric = rows[0].get("metric", "quality")
+    better = "higher" if rows[0].get("higher_is_better", True) else "lower"
+    header = ("technique", "steps", "size", "ratio", f"{metric} ({better} is better)", "latency ms")
+    body = [(
+        str(r.get("technique", "")),
+        str(r.get("steps", "")),
+        _format_bytes(float(r.get("bytes", 0))),
+        f"{float(r.get('ratio', float('nan'))):.2f}x",
+        f"{float(r.get('quality', float('nan'))):.4g}",
+        f"{float(r.get('latency_ms', float('nan'))):.2f}",
+    ) for r in rows]
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(header)]
+    right = {2, 3, 4, 5}
+
+    def line(cells) -> str:
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    return "\n".join([line(header), line(["-" * w for w in widths]), *(line(b) for b in body)])
+
+
+def _table_engine():
+    """``(compression_table, plot_frontier)``, imported only when the command runs (torch, zoo)."""
+    recipes = importlib.import_module("moe_course.compress.recipes")
+    table = recipes.compression_table
+    plot = getattr(recipes, "plot_frontier", None)
+    if plot is None:
+        plot = importlib.import_module("moe_course.viz").plot_frontier
+    return table, plot
+
+
+def _cmd_table(args: argparse.Namespace) -> int:
+    if args.model not in TABLE_MODELS:
+        raise UsageError(f"--model must be one of {', '.join(TABLE_MODELS)}; got {args.model!r}")
+    out = _output_dir(args.out)
+    try:
+        compression_table, plot_frontier = _table_engine()
+    except (ImportError, AttributeError) as err:
+        raise UsageError(f"the compression engine is not available ({type(err).__name__}: {err})") from None
+    what = f"{args.model}{' (quick)' if args.quick else ''}"
+    print(f"measuring the compression table of {what} ...", file=sys.stderr, flush=True)
+    try:
+        rows = compression_table(args.model, preset=args.preset, cache_dir=args.cache_dir, quick=args.quick)
+    except ValueError as err:  # a bad --preset or --cache-dir, named by the engine
+        raise UsageError(str(err)) from None
+    except Exception as err:  # noqa: BLE001 - one line, exit 1; the traceback helps nobody here
+        print(f"moe-course table: error: the measurement failed ({type(err).__name__}: {err})", file=sys.stderr)
+        return 1
+    rows = [dict(r) for r in rows]
+    print(format_table(rows))
+    stem = f"compression_{args.model}{'_quick' if args.quick else ''}"
+    csv_path, png_path = out / f"{stem}.csv", out / f"{stem}.png"
+    import csv
+
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(csv_path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    import matplotlib
+
+    if matplotlib.get_backend().lower() not in ("agg", "pdf", "svg", "ps", "cairo"):
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plot_frontier(rows, x=args.x)
+    fig.savefig(png_path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    print(f"wrote {csv_path}")
+    print(f"wrote {png_path}")
+    return 0
+
+
+def _cmd_grade(args: argparse.Namespace) -> int:
+    from moe_course.grading import runner
+
+    for path in args.paths:
+        p = Path(path)
+        if not p.exists():
+            raise UsageError(f"no such file or directory: {path!r}")
+        if p.is_file() and p.suffix != ".ipynb":
+            raise UsageError(f"expected .ipynb notebooks or directories, got {path!r}")
+    if args.reference is not None:
+        reference = Path(args.reference)
+        if not reference.is_dir():
+            raise UsageError(f"--reference must be a directory of reference notebooks, got {args.reference!r}")
+    else:
+        root = find_repo_root()
+        reference = root / "solutions" if root is not None and (root / "solutions").is_dir() else None
+        if reference is None:
+            print("note: no solutions/ found (pass --reference DIR): the exercises expected in each notebook "
+                  "are the check calls it still contains, so deleted check cells go unnoticed", file=sys.stderr)
+    out = _output_dir(args.out)
+    try:
+        importlib.import_module("nbformat")
+        importlib.import_module("nbclient")
+        from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+        KernelSpecManager().get_kernel_spec(runner.KERNEL_NAME)
+    except ImportError as err:
+        raise UsageError(f"grading needs nbclient, nbformat and ipykernel ({err}): pip install nbclient nbformat "
+                         "ipykernel") from None
+    except NoSuchKernel:
+        raise UsageError(f"no Jupyter kernel named {runner.KERNEL_NAME!r}: python -m ipykernel install --user") from None
+    progress = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+    try:
+        report = runner.grade(
+            args.paths, reference_dir=reference, out_dir=out, timeout=args.timeout, cell_timeout=args.cell_timeout,
+            check_timeout=args.check_timeout, max_output_bytes=args.max_output_bytes, jobs=args.jobs,
+            progress=progress,
+        )
+    except (FileNotFoundError, ValueError) as err:
+        raise UsageError(str(err)) from None
+    students = len(report.per_student())
+    print(f"graded {len(report.runs)} notebook(s) of {students} student(s) in {report.seconds:.1f} s")
+    print(runner.format_summary(report))
+    print(f"wrote {out / 'grades.csv'}, {out / 'summary.csv'}, {out / 'grades.json'} and {out / 'executed'}/")
+    return 0 if report.all_passed else 1
+
+
 def _parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
         prog="moe-course",
-        description="Tools for the moe-course book, exercises and environment.",
+        description="Tools for the moe-course book, exercises, compression table, grading and environment.",
+        epilog=EXIT_CODES.format(extra0="", extra1="the command ran and found a problem (see each command's --help)"),
+        formatter_class=fmt,
     )
     parser.add_argument("--version", action="version", version=f"moe-course {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -192,6 +392,8 @@ def _parser() -> argparse.ArgumentParser:
         "book",
         help="build the website into book/_build/html",
         description="Build the Jupyter Book from the notebooks' stored outputs (nothing is executed).",
+        epilog=EXIT_CODES.format(extra0="", extra1="jupyter-book failed (its exit code is passed on)"),
+        formatter_class=fmt,
     )
     book.add_argument("--book-dir", metavar="DIR", help="book source (default: book/ of this repository)")
     book.add_argument("--strict", action="store_true", help="warnings are errors (-W -n --keep-going)")
@@ -203,6 +405,8 @@ def _parser() -> argparse.ArgumentParser:
         "exercises",
         help="regenerate exercises/ from solutions/",
         description="Write exercises/NN_*.ipynb from solutions/NN_*.ipynb (stubs replace solutions).",
+        epilog=EXIT_CODES.format(extra0="", extra1="--check: exercises/ is out of date; or unbalanced markers"),
+        formatter_class=fmt,
     )
     ex.add_argument("--check", action="store_true", help="write nothing; exit 1 if exercises/ is stale")
     ex.add_argument("--solutions", metavar="DIR", help="source notebooks (default: <repo>/solutions)")
@@ -212,9 +416,69 @@ def _parser() -> argparse.ArgumentParser:
     doctor = sub.add_parser(
         "doctor",
         help="print versions, device, cache directory and cached models",
-        description="Print what the course will run on: versions, device, preset, cache, zoo models.",
+        description="Print what the course will run on: versions, device, preset, cache, zoo models, and "
+                    "whether the python3 Jupyter kernel that `moe-course grade` uses exists.",
+        epilog=EXIT_CODES.format(extra0=" (doctor reports problems, it does not fail on them)", extra1="(unused)"),
+        formatter_class=fmt,
     )
     doctor.set_defaults(func=_cmd_doctor)
+
+    table = sub.add_parser(
+        "table",
+        help="measure and print the compression comparison of a zoo model",
+        description="Compress a zoo model with every technique and the best combinations, measure size, "
+                    "quality and latency, print the table and write it as CSV plus a PNG of the quality/size "
+                    "frontier: OUT/compression_<model>[_quick].csv and .png. Trains the zoo model on first use.",
+        epilog=EXIT_CODES.format(extra0="", extra1="the measurement failed (one line on stderr)"),
+        formatter_class=fmt,
+    )
+    table.add_argument("--model", required=True, metavar="NAME",
+                       help=f"the zoo model: {' or '.join(TABLE_MODELS)}")
+    table.add_argument("--quick", action="store_true", help="fewer variants and a smaller evaluation set")
+    table.add_argument("--out", default=".", metavar="DIR", help="where the CSV and PNG go (default: .)")
+    table.add_argument("--preset", default=None, metavar="NAME",
+                       help="zoo preset: cpu, gpu, test or auto (default: auto, by device)")
+    table.add_argument("--cache-dir", default=None, metavar="DIR",
+                       help="zoo cache (default: $MOE_COURSE_CACHE, else ~/.cache/moe_course)")
+    table.add_argument("--x", default="bytes", choices=("bytes", "latency_ms"),
+                       help="x axis of the frontier plot (default: bytes)")
+    table.set_defaults(func=_cmd_table)
+
+    grade = sub.add_parser(
+        "grade",
+        help="execute students' exercise notebooks and collect their check results",
+        description="""Execute each notebook in a fresh python3 kernel and collect what its check cells report.
+
+PATH: .ipynb files or directories (searched recursively, hidden directories skipped).
+Student id: the first sub-directory under a given directory (subm/alice/02_x.ipynb -> alice);
+for a notebook directly in a given directory or given as a file, the part of its name before
+the reference name (alice_02_sparse_gating.ipynb -> alice), else its parent directory's name.
+Expected exercises: the check calls in the reference notebook of the same name (--reference).
+Statuses: pass, fail, error, not implemented, timed out (the check's time limit), missing
+(check cell deleted), not run: cell error | timeout | kernel died, unreadable (not a notebook).
+Writes OUT/grades.csv (student x exercise rows), OUT/summary.csv (one line per student),
+OUT/grades.json and OUT/executed/<student>/*.ipynb; prints pass counts per student and exercise.
+Student code runs with your permissions: grade untrusted submissions in a container.""",
+        epilog=EXIT_CODES.format(extra0=": every expected exercise of every notebook passed",
+                                 extra1="graded, but some exercise did not pass (see OUT/grades.csv)"),
+        formatter_class=fmt,
+    )
+    grade.add_argument("paths", nargs="+", metavar="PATH", help="notebooks or directories of notebooks")
+    grade.add_argument("--out", default="grades", metavar="DIR", help="report directory (default: ./grades)")
+    grade.add_argument("--reference", default=None, metavar="DIR",
+                       help="reference notebooks, matched by file name (default: <repo>/solutions)")
+    grade.add_argument("--timeout", type=_positive_float, default=600.0, metavar="SECONDS",
+                       help="time limit of one whole notebook (default: 600)")
+    grade.add_argument("--cell-timeout", type=_positive_float, default=300.0, metavar="SECONDS",
+                       help="time limit of one cell; past it the notebook stops (default: 300)")
+    grade.add_argument("--check-timeout", type=_non_negative_float, default=60.0, metavar="SECONDS",
+                       help="time limit of one check call, reported as 'timed out' (default: 60; 0: none)")
+    grade.add_argument("--max-output-bytes", type=_positive_int, default=100_000, metavar="N",
+                       help="output kept per cell; the rest is dropped (default: 100000)")
+    grade.add_argument("--jobs", type=_positive_int, default=1, metavar="N",
+                       help="notebooks graded at once, one kernel each (default: 1)")
+    grade.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    grade.set_defaults(func=_cmd_grade)
     return parser
 
 

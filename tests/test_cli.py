@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import shutil
 import subprocess
+import types
 import sys
 from pathlib import Path
 
@@ -26,17 +28,26 @@ def _solutions(tmp_path: Path) -> tuple[Path, Path]:
     return solutions, exercises
 
 
-@pytest.mark.parametrize("command", [[], ["book"], ["exercises"], ["doctor"]])
+@pytest.mark.parametrize("command", [[], ["book"], ["exercises"], ["doctor"], ["table"], ["grade"]])
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main([*command, "--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: moe-course")
+    assert "exit codes:" in out and "2  usage error" in out
     if command == ["exercises"]:
         assert "--check" in out
     if command == ["book"]:
         assert "--strict" in out
+    if command == ["table"]:
+        assert "--quick" in out and "shakespeare-moe or mnist1d-moe" in out
+    if command == ["grade"]:
+        for option in ("--out", "--timeout", "--cell-timeout", "--check-timeout", "--max-output-bytes", "--reference"):
+            assert option in out
+    if command == []:
+        for name in ("book", "exercises", "doctor", "table", "grade"):
+            assert name in out
 
 
 def test_version(capsys):
@@ -160,3 +171,146 @@ def test_module_entry_point():
     )
     assert done.returncode == 0, done.stderr
     assert "--check" in done.stdout
+
+
+def test_doctor_reports_cached_and_missing_zoo_models_and_the_kernel(monkeypatch, capsys):
+    zoo = cli.importlib.import_module("moe_course.zoo")
+    monkeypatch.setattr(zoo, "is_cached", lambda name, preset="auto", cache_dir=None: name == "mnist1d-moe")
+    assert cli.main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    assert "zoo          mnist1d-moe: cached" in out
+    assert "zoo          shakespeare-moe: not cached (trains on first use)" in out
+    assert "kernel       python3" in out
+
+
+def test_doctor_with_an_empty_cache_says_not_cached(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MOE_COURSE_CACHE", str(tmp_path))
+    assert cli.main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    assert out.count(": not cached (trains on first use)") == 2
+
+
+# ------------------------------------------------------------------------------------- table
+FAKE_ROWS = [
+    {"technique": "baseline", "steps": "none", "bytes": 4_000_000, "ratio": 1.0, "quality": 0.91,
+     "metric": "accuracy", "higher_is_better": True, "latency_ms": 2.5},
+    {"technique": "int4", "steps": "quantize(bits=4)", "bytes": 600_000, "ratio": 6.67, "quality": 0.89,
+     "metric": "accuracy", "higher_is_better": True, "latency_ms": 3.1},
+]
+
+
+@pytest.fixture
+def fake_engine(monkeypatch):
+    """Fakes of recipes.compression_table and plot_frontier behind the CLI's lazy import."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    calls = {}
+
+    def compression_table(model_name, *, preset=None, cache_dir=None, quick=False):
+        calls["table"] = (model_name, preset, cache_dir, quick)
+        if preset == "bogus":
+            raise ValueError(f"preset must be one of ('cpu', 'gpu', 'test', 'auto'), got {preset!r}")
+        if preset == "explode":
+            raise RuntimeError("out of memory")
+        return [dict(r) for r in FAKE_ROWS]
+
+    def plot_frontier(rows, x="bytes", ax=None):
+        import matplotlib.pyplot as plt
+
+        calls["plot"] = (len(rows), x)
+        fig, ax = plt.subplots(figsize=(3, 2))
+        ax.plot([r[x] for r in rows], [r["quality"] for r in rows], "o")
+        return fig
+
+    recipes = types.SimpleNamespace(compression_table=compression_table, plot_frontier=plot_frontier)
+    viz = types.SimpleNamespace(plot_frontier=plot_frontier)
+    real_import = cli.importlib.import_module
+
+    def fake_import(name, *args, **kwargs):
+        if name == "moe_course.compress.recipes":
+            return recipes
+        if name == "moe_course.viz":
+            calls["viz"] = True
+            return viz
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(cli.importlib, "import_module", fake_import)
+    return calls, recipes
+
+
+def test_table_prints_and_writes_csv_and_png(fake_engine, tmp_path, capsys):
+    calls, _ = fake_engine
+    code = cli.main(["table", "--model", "mnist1d-moe", "--quick", "--out", str(tmp_path / "t"), "--preset", "cpu",
+                     "--x", "latency_ms"])
+    assert code == 0
+    assert calls["table"] == ("mnist1d-moe", "cpu", None, True)
+    assert calls["plot"] == (2, "latency_ms")
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0].split()[:4] == ["technique", "steps", "size", "ratio"] and "accuracy (higher is better)" in lines[0]
+    assert "int4" in out and "6.67x" in out and "585.9 KiB" in out and "0.89" in out
+    csv_path = tmp_path / "t" / "compression_mnist1d-moe_quick.csv"
+    png_path = tmp_path / "t" / "compression_mnist1d-moe_quick.png"
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["technique"] for r in rows] == ["baseline", "int4"] and rows[1]["bytes"] == "600000"
+    assert list(rows[0]) == list(FAKE_ROWS[0])
+    assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"wrote {csv_path}" in out and f"wrote {png_path}" in out
+
+
+def test_table_falls_back_to_viz_for_the_plot(fake_engine, tmp_path):
+    calls, recipes = fake_engine
+    del recipes.plot_frontier
+    assert cli.main(["table", "--model", "shakespeare-moe", "--out", str(tmp_path)]) == 0
+    assert calls.get("viz") and (tmp_path / "compression_shakespeare-moe.png").is_file()
+
+
+def test_table_unknown_model_exits_2_naming_the_allowed_names(fake_engine, tmp_path, capsys):
+    calls, _ = fake_engine
+    assert cli.main(["table", "--model", "gpt-moe", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "shakespeare-moe" in err and "mnist1d-moe" in err and "'gpt-moe'" in err
+    assert "table" not in calls  # rejected before anything is measured
+
+
+def test_table_bad_preset_is_a_usage_error_and_a_failure_exit_1(fake_engine, tmp_path, capsys):
+    assert cli.main(["table", "--model", "mnist1d-moe", "--preset", "bogus", "--out", str(tmp_path)]) == 2
+    assert "moe-course table: error: preset must be one of" in capsys.readouterr().err
+    assert cli.main(["table", "--model", "mnist1d-moe", "--preset", "explode", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "RuntimeError: out of memory" in err and err.count("\n") == 2  # progress line + error line
+    assert not list(tmp_path.glob("*.csv"))
+
+
+def test_table_argument_validation(fake_engine, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["table"])  # --model is required
+    assert exit_info.value.code == 2 and "--model" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["table", "--model", "mnist1d-moe", "--x", "flops"])
+    assert exit_info.value.code == 2
+    (tmp_path / "f").write_text("")
+    assert cli.main(["table", "--model", "mnist1d-moe", "--out", str(tmp_path / "f")]) == 2
+    assert "--out must be a directory" in capsys.readouterr().err
+
+
+def test_table_without_the_engine_is_a_clear_usage_error(monkeypatch, tmp_path, capsys):
+    real_import = cli.importlib.import_module
+
+    def no_recipes(name, *args, **kwargs):
+        if name == "moe_course.compress.recipes":
+            raise ImportError("No module named 'moe_course.compress.recipes'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(cli.importlib, "import_module", no_recipes)
+    assert cli.main(["table", "--model", "mnist1d-moe", "--out", str(tmp_path)]) == 2
+    assert "compression engine is not available" in capsys.readouterr().err
+
+
+def test_format_table_lower_is_better():
+    rows = [dict(FAKE_ROWS[0], metric="perplexity", higher_is_better=False, quality=4.2)]
+    text = cli.format_table(rows)
+    assert "perplexity (lower is better)" in text and "3.8 MiB" in text and "1.00x" in text
+    assert cli.format_table([]) == "(no rows)"
