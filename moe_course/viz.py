@@ -31,6 +31,7 @@ __all__ = [
     "plot_routing_heatmap",
     "plot_loss_curves",
     "plot_race",
+    "plot_frontier",
 ]
 
 PALETTE = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C"]
@@ -327,7 +328,7 @@ def _frequencies(stats: Any) -> list[tuple[str, np.ndarray, float | None]]:
         if arr.ndim != 2:
             raise ValueError(f"stats: expected frequencies [E] or [L, E], got shape {arr.shape}")
         return [(f"layer {i}", row / row.sum() if row.sum() else row, None) for i, row in enumerate(arr)]
-    if isinstance(stats, Sequence) and stats:
+    if isinstance(stats, Sequence) and stats and not isinstance(stats, (str, bytes)):
         out = []
         for i, s in enumerate(stats):
             if hasattr(s, "frequency"):
@@ -578,6 +579,71 @@ def plot_race(results: Mapping[str, Mapping[Any, float] | float], ax=None, title
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.legend()
+    if title:
+        ax.set_title(title)
+    return fig
+
+
+# --------------------------------------------------------------------------------------------
+# recipes: quality against size or latency, with the Pareto frontier (chapter 11)
+# --------------------------------------------------------------------------------------------
+_FRONTIER_X = {"bytes": "true size (bytes, log scale)", "latency_ms": "measured latency of one batch (ms)"}
+
+
+@_styled
+def plot_frontier(rows: Sequence[Mapping[str, Any]], x: str = "bytes", ax=None, title: str | None = None,
+                  label_all: bool = False, zoom: bool = True) -> Figure:
+    """Quality against ``x`` (``"bytes"`` or ``"latency_ms"``) for rows of
+    :func:`moe_course.compress.recipes.compression_table` (keys ``technique``, ``quality``,
+    ``metric``, ``higher_is_better`` and ``x``). Every variant is a dot, the Pareto frontier
+    (:func:`~moe_course.compress.recipes.pareto_frontier`) a line through the labelled
+    non-dominated variants, the first row (the baseline) a star. ``zoom`` frames the quality axis
+    around the frontier and draws variants far worse than it as arrows on the edge. Returns the Figure."""
+    from moe_course.compress.recipes import pareto_frontier
+
+    if x not in _FRONTIER_X:
+        raise ValueError(f"x: expected one of {tuple(_FRONTIER_X)}, got {x!r}")
+    rows = list(rows) if rows is not None else []
+    if not rows or not all(isinstance(r, Mapping) for r in rows):
+        raise ValueError("rows: expected a non-empty list of dicts (compression_table rows)")
+    missing = [k for k in (x, "quality", "technique") if k not in rows[0]]
+    if missing:
+        raise ValueError(f"rows: each row needs the keys {missing}")
+    hib = bool(rows[0].get("higher_is_better", False))
+    metric = rows[0].get("metric", "quality")
+    front = pareto_frontier(rows, x=x, y="quality", higher_is_better=hib)
+    on_front = {id(r) for r in front}
+    fig, ax = _axes(ax, (6.4, 4.2))
+    xs = np.array([float(r[x]) for r in rows])
+    ys = np.array([float(r["quality"]) for r in rows])
+    ax.scatter(xs, ys, s=22, color=PALETTE[7], alpha=0.8, label="variant", zorder=2)
+    fx = [float(r[x]) for r in front]
+    fy = [float(r["quality"]) for r in front]
+    ax.step(fx, fy, where="post", color=PALETTE[1], lw=1.5, zorder=3)
+    ax.scatter(fx, fy, s=36, color=PALETTE[1], label="Pareto frontier", zorder=4)
+    ax.scatter([xs[0]], [ys[0]], marker="*", s=160, color=PALETTE[0], label=str(rows[0]["technique"]), zorder=5)
+    order = {id(r): i for i, r in enumerate(front)}
+    for r, xv, yv in zip(rows, xs, ys):
+        if id(r) in on_front or label_all:
+            up = order.get(id(r), 0) % 2 == 0   # alternate above / below so neighbours do not overlap
+            ax.annotate(str(r["technique"]), (xv, yv), fontsize=7, xytext=(4, 4 if up else -10),
+                        textcoords="offset points", color="#333333" if id(r) in on_front else "#888888")
+    if x == "bytes":
+        ax.set_xscale("log")
+    if zoom:  # frame the frontier: variants far worse than it are drawn on the edge as arrows
+        ref = np.array(fy + [ys[0]])
+        lo, hi = float(ref.min()), float(ref.max())
+        span = max(hi - lo, 1e-3 * max(abs(hi), 1.0))
+        y0, y1 = (lo - 3 * span, hi + 0.5 * span) if hib else (lo - 0.5 * span, hi + 3 * span)
+        out = (ys < y0) | (ys > y1)
+        if out.any():
+            edge = np.where(ys < y0, y0 + 0.02 * (y1 - y0), y1 - 0.02 * (y1 - y0))
+            ax.scatter(xs[out], edge[out], marker="v" if hib else "^", s=30, color=PALETTE[7], zorder=2,
+                       label=f"{int(out.sum())} far worse (off the chart)")
+        ax.set_ylim(y0, y1)
+    ax.set_xlabel(_FRONTIER_X[x])
+    ax.set_ylabel(f"{metric} ({'higher' if hib else 'lower'} is better)")
+    ax.legend(loc="best")
     if title:
         ax.set_title(title)
     return fig

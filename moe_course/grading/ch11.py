@@ -1,0 +1,178 @@
+"""Checkers for chapter 11, recipes and trade-offs: the Pareto frontier, a pipeline runner that
+records true sizes, and picking a recipe for a quality budget.
+
+Each checker compares the student's function with the package's reference
+(:func:`moe_course.compress.recipes.pareto_frontier`, :func:`moe_course.metrics.size_report`,
+:func:`pick_recipe_reference`) on fixed, random and edge cases, and names the usual mistakes.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import torch
+
+from moe_course.compress.recipes import pareto_frontier, quantize_rest
+
+from .core import CheckFailed, checker, expect
+
+__all__ = ["check_pareto_frontier", "check_run_pipeline", "check_pick_recipe", "quality_loss", "pick_recipe_reference"]
+
+
+# --------------------------------------------------------------------------------------------
+# Exercise 11.1: the Pareto frontier
+# --------------------------------------------------------------------------------------------
+def _ids(points) -> list:
+    return sorted(p["id"] for p in points)
+
+
+def _point_sets():
+    fixed = [
+        ([{"id": 0, "c": 1, "q": 5.0}, {"id": 1, "c": 2, "q": 4.0}, {"id": 2, "c": 3, "q": 4.5}, {"id": 3, "c": 4, "q": 1.0}],
+         "a simple staircase"),
+        ([{"id": 0, "c": 2, "q": 3.0}, {"id": 1, "c": 2, "q": 2.0}, {"id": 2, "c": 1, "q": 4.0}], "two points with the same cost"),
+        ([{"id": 0, "c": 1, "q": 1.0}, {"id": 1, "c": 1, "q": 1.0}, {"id": 2, "c": 3, "q": 0.5}], "exact duplicates"),
+        ([{"id": 0, "c": 5, "q": 2.0}], "a single point"),
+    ]
+    rnd = random.Random(11)
+    for n in (5, 12, 30, 30):
+        pts = [{"id": i, "c": rnd.randint(0, 6), "q": rnd.randint(0, 6) / 2} for i in range(n)]
+        fixed.append((pts, f"{n} random points with ties"))
+    return fixed
+
+
+@checker("Exercise 11.1: the Pareto frontier")
+def check_pareto_frontier(pareto_fn) -> None:
+    for pts, desc in _point_sets():
+        for hib in (False, True):
+            got = pareto_fn(copy.deepcopy(pts), "c", "q", hib)
+            expect(isinstance(got, (list, tuple)), f"return a list of points, got {type(got).__name__}")
+            expect(all(isinstance(p, dict) and "id" in p for p in got),
+                   "return the points themselves (the dicts), not their indices or coordinates")
+            ref = pareto_frontier(pts, "c", "q", hib)
+            if _ids(got) == _ids(ref):
+                continue
+            where = f"({desc}, higher_is_better={hib})"
+            if _ids(got) == _ids(pareto_frontier(pts, "c", "q", not hib)):
+                raise CheckFailed(f"you used the wrong direction for the quality axis: with higher_is_better={hib} "
+                                  f"a {'larger' if hib else 'smaller'} q is better {where}")
+            if set(_ids(got)) < set(_ids(ref)) and {(p["c"], p["q"]) for p in got} == {(p["c"], p["q"]) for p in ref}:
+                raise CheckFailed(f"exact duplicates do not dominate each other: keep both copies {where}")
+            extra = [p for p in got if p["id"] not in _ids(ref)]
+            if extra:
+                p = extra[0]
+                raise CheckFailed(f"point {p} is dominated (another point is at least as good on both axes and "
+                                  f"strictly better on one): check points with EQUAL cost or equal quality {where}")
+            raise CheckFailed(f"you left out non-dominated point(s) {[p for p in ref if p['id'] not in _ids(got)]} {where}")
+
+
+# --------------------------------------------------------------------------------------------
+# Exercise 11.2: a pipeline runner that records true sizes
+# --------------------------------------------------------------------------------------------
+def _tiny_model():
+    from moe_course.models import model_from_config, preset
+
+    cfg, _ = preset("test", "mnist1d-moe")
+    torch.manual_seed(0)
+    return model_from_config(cfg).eval()
+
+
+@checker("Exercise 11.2: a pipeline runner recording true sizes")
+def check_run_pipeline(run_fn) -> None:
+    from moe_course.compress.quantization import quantize
+    from moe_course.metrics import size_report
+
+    model = _tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    steps = [lambda m: quantize(m, 4, group_size=16), lambda m: quantize_rest(m, 8, group_size=16)]
+    out = run_fn(model, steps)
+    expect(isinstance(out, tuple) and len(out) == 2, "return a pair (final_model, sizes)")
+    final, sizes = out
+    expect(isinstance(final, torch.nn.Module), f"the first item must be the final model, got {type(final).__name__}")
+    sizes = list(sizes)
+    expect(len(sizes) == len(steps) + 1,
+           f"record {len(steps) + 1} sizes: the input's, then one after each of the {len(steps)} steps (got {len(sizes)})")
+    ref = [size_report(model).bytes]
+    m = model
+    for f in steps:
+        m = f(m)
+        ref.append(size_report(m).bytes)
+    params4 = [4 * sum(p.numel() for p in x.parameters()) for x in (model, quantize(model, 4, group_size=16))]
+    if sizes[1] == params4[1] or sizes[1] == sum(p.numel() * p.element_size() for p in m.parameters()):
+        raise CheckFailed("quantized weights are packed uint8 BUFFERS, not parameters: count every tensor's real bytes "
+                          "with moe_course.metrics.size_report(model).bytes")
+    expect(sizes[0] == ref[0], f"sizes[0] must be the input model's true bytes {ref[0]:,}, got {sizes[0]!r}")
+    expect(sizes == ref, f"sizes should be {ref} (true bytes after each step), got {sizes}")
+    expect(final is not model and size_report(final).bytes == ref[-1],
+           "return the model produced by the LAST step, not the input model")
+    after = model.state_dict()
+    expect(all(torch.equal(before[k], after[k]) for k in before), "the input model was modified")
+    # no steps: the input's size only, and the model itself
+    out = run_fn(model, [])
+    expect(list(out[1]) == [ref[0]], "with no steps, sizes is just [input bytes]")
+
+
+# --------------------------------------------------------------------------------------------
+# Exercise 11.3: pick a recipe for a quality budget
+# --------------------------------------------------------------------------------------------
+def quality_loss(row, baseline) -> float:
+    """Quality lost against ``baseline`` in percent of the baseline's quality (positive = worse)."""
+    q, q0 = float(row["quality"]), float(baseline["quality"])
+    return 100.0 * ((q0 - q) if row["higher_is_better"] else (q - q0)) / q0
+
+
+def pick_recipe_reference(rows, max_loss_pct):
+    """The row with the largest ``ratio`` whose :func:`quality_loss` against ``rows[0]`` is at most
+    ``max_loss_pct`` (ties: the better quality); ``None`` if none qualifies."""
+    base = rows[0]
+    ok = [r for r in rows if quality_loss(r, base) <= max_loss_pct]
+    if not ok:
+        return None
+    return max(ok, key=lambda r: (r["ratio"], -quality_loss(r, base)))
+
+
+def _tables():
+    def row(t, ratio, q, hib):
+        return {"technique": t, "ratio": ratio, "bytes": int(1000 / ratio), "quality": q,
+                "metric": "accuracy" if hib else "perplexity", "higher_is_better": hib}
+
+    lm = [row("baseline", 1.0, 7.0, False), row("q4", 3.0, 7.05, False), row("q3+rest", 7.5, 7.1, False),
+          row("trim+q", 9.2, 7.3, False), row("q2", 9.5, 7.8, False), row("merge", 1.3, 11.0, False)]
+    cls = [row("baseline", 1.0, 0.90, True), row("q4", 5.0, 0.90, True), row("q2", 7.2, 0.88, True),
+           row("trim+q", 7.8, 0.75, True), row("tie", 5.0, 0.905, True)]
+    out = [(lm, 5.0), (lm, 0.5), (lm, 20.0), (lm, 0.0), (cls, 1.0), (cls, 3.0), (cls, 30.0)]
+    rnd = random.Random(3)
+    for _ in range(6):
+        hib = rnd.random() < 0.5
+        rows = [row("baseline", 1.0, 1.0, hib)] + [row(f"v{i}", round(rnd.uniform(1, 10), 2),
+                                                       round(rnd.uniform(0.7, 1.3), 3), hib) for i in range(8)]
+        out.append((rows, rnd.choice([1.0, 5.0, 10.0])))
+    return out
+
+
+@checker("Exercise 11.3: pick a recipe for a quality budget")
+def check_pick_recipe(pick_fn) -> None:
+    for rows, budget in _tables():
+        got = pick_fn(copy.deepcopy(rows), budget)
+        ref = pick_recipe_reference(rows, budget)
+        metric = rows[0]["metric"]
+        where = f"(metric {metric}, budget {budget}%)"
+        if ref is None:
+            expect(got is None, f"no row meets the budget: return None {where}")
+            continue
+        expect(isinstance(got, dict), f"return the chosen row (a dict), got {type(got).__name__} {where}")
+        if got.get("technique") == ref["technique"]:
+            continue
+        flipped = [r for r in rows if -quality_loss(r, rows[0]) <= budget]
+        if flipped and got["technique"] == max(flipped, key=lambda r: r["ratio"])["technique"]:
+            raise CheckFailed(f"the quality direction is wrong: for {metric}, "
+                              f"{'higher' if rows[0]['higher_is_better'] else 'lower'} is better {where}")
+        if got["technique"] == max(rows, key=lambda r: r["ratio"])["technique"]:
+            raise CheckFailed(f"you ignored the quality budget: {got['technique']!r} loses "
+                              f"{quality_loss(got, rows[0]):.2f}% > {budget}% {where}")
+        if quality_loss(got, rows[0]) > budget:
+            raise CheckFailed(f"{got['technique']!r} loses {quality_loss(got, rows[0]):.2f}% of the baseline's quality, "
+                              f"more than {budget}%: measure the loss RELATIVE to rows[0] {where}")
+        raise CheckFailed(f"{ref['technique']!r} (ratio {ref['ratio']}) meets the budget with a larger ratio than your "
+                          f"{got['technique']!r} (ratio {got['ratio']}); on equal ratios prefer the better quality {where}")

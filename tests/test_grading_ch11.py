@@ -1,0 +1,214 @@
+"""Chapter 11 checkers: the reference passes, a stub is "not implemented", typical mistakes are caught."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from moe_course import metrics
+from moe_course.compress.recipes import pareto_frontier as package_pareto
+from moe_course.grading import ch11
+from moe_course.grading.core import ERROR, FAIL, NOT_IMPLEMENTED, PASS
+
+
+def run(check, fn):
+    return check(fn, quiet=True)
+
+
+def stub(*args, **kwargs):
+    raise NotImplementedError("implement this")
+
+
+# ---------------------------------------------------------------- Exercise 11.1
+def pareto_frontier(points, x, y, higher_is_better):
+    sign = -1.0 if higher_is_better else 1.0
+    order = sorted(points, key=lambda p: (p[x], sign * p[y]))
+    front, best, i = [], float("inf"), 0
+    while i < len(order):
+        j = i
+        while j < len(order) and order[j][x] == order[i][x]:
+            j += 1
+        top = sign * order[i][y]
+        if top < best:
+            front += [p for p in order[i:j] if sign * p[y] == top]
+            best = top
+        i = j
+    return front
+
+
+def pareto_ignores_direction(points, x, y, higher_is_better):
+    return pareto_frontier(points, x, y, False)
+
+
+def pareto_bad_ties(points, x, y, higher_is_better):
+    # keeps every point whose quality beats all points with cost <= its own, EXCLUDING itself only by identity,
+    # but compares costs with < only: a worse point at an equal cost survives
+    sign = -1.0 if higher_is_better else 1.0
+    return [p for p in points if not any(q[x] < p[x] and sign * q[y] <= sign * p[y] for q in points)]
+
+
+def pareto_drops_duplicates(points, x, y, higher_is_better):
+    seen, out = set(), []
+    for p in pareto_frontier(points, x, y, higher_is_better):
+        if (p[x], p[y]) not in seen:
+            seen.add((p[x], p[y]))
+            out.append(p)
+    return out
+
+
+def test_pareto_reference_passes():
+    assert run(ch11.check_pareto_frontier, pareto_frontier).status == PASS
+
+
+def test_pareto_package_passes():
+    assert run(ch11.check_pareto_frontier, package_pareto).status == PASS
+
+
+def test_pareto_stub_not_implemented():
+    assert run(ch11.check_pareto_frontier, stub).status == NOT_IMPLEMENTED
+
+
+def test_pareto_wrong_direction_caught():
+    r = run(ch11.check_pareto_frontier, pareto_ignores_direction)
+    assert r.status == FAIL and "direction" in r.message
+
+
+def test_pareto_ties_caught():
+    r = run(ch11.check_pareto_frontier, pareto_bad_ties)
+    assert r.status == FAIL and "dominated" in r.message
+
+
+def test_pareto_duplicates_caught():
+    r = run(ch11.check_pareto_frontier, pareto_drops_duplicates)
+    assert r.status == FAIL and "duplicates" in r.message
+
+
+def test_pareto_indices_caught():
+    r = run(ch11.check_pareto_frontier, lambda pts, x, y, h: list(range(len(pareto_frontier(pts, x, y, h)))))
+    assert r.status == FAIL and "dicts" in r.message
+
+
+# ---------------------------------------------------------------- Exercise 11.2
+def run_pipeline(model, steps):
+    sizes = [metrics.size_report(model).bytes]
+    for step in steps:
+        model = step(model)
+        sizes.append(metrics.size_report(model).bytes)
+    return model, sizes
+
+
+def run_pipeline_param_bytes(model, steps):
+    def nbytes(m):
+        return sum(p.numel() * p.element_size() for p in m.parameters())
+
+    sizes = [nbytes(model)]
+    for step in steps:
+        model = step(model)
+        sizes.append(nbytes(model))
+    return model, sizes
+
+
+def run_pipeline_no_input_size(model, steps):
+    sizes = []
+    for step in steps:
+        model = step(model)
+        sizes.append(metrics.size_report(model).bytes)
+    return model, sizes
+
+
+def run_pipeline_returns_input(model, steps):
+    out, sizes = run_pipeline(model, steps)
+    return model, sizes
+
+
+def run_pipeline_mutates(model, steps):
+    from moe_course.compress.quantization import quantize
+
+    quantize(model, 4, group_size=16, inplace=True)
+    return run_pipeline(model, steps)
+
+
+def test_pipeline_reference_passes():
+    assert run(ch11.check_run_pipeline, run_pipeline).status == PASS
+
+
+def test_pipeline_stub_not_implemented():
+    assert run(ch11.check_run_pipeline, stub).status == NOT_IMPLEMENTED
+
+
+@pytest.mark.parametrize("wrong, word", [
+    (run_pipeline_param_bytes, "BUFFERS"),
+    (run_pipeline_no_input_size, "sizes"),
+    (run_pipeline_returns_input, "LAST step"),
+])
+def test_pipeline_mistakes_caught(wrong, word):
+    r = run(ch11.check_run_pipeline, wrong)
+    assert r.status in (FAIL, ERROR) and word in r.message
+
+
+def test_pipeline_mutation_caught():
+    r = run(ch11.check_run_pipeline, run_pipeline_mutates)
+    assert r.status in (FAIL, ERROR)
+
+
+# ---------------------------------------------------------------- Exercise 11.3
+def pick_recipe(rows, max_loss_pct):
+    q0 = rows[0]["quality"]
+
+    def loss(r):
+        return 100 * ((q0 - r["quality"]) if r["higher_is_better"] else (r["quality"] - q0)) / q0
+
+    ok = [r for r in rows if loss(r) <= max_loss_pct]
+    return max(ok, key=lambda r: (r["ratio"], -loss(r))) if ok else None
+
+
+def pick_ignores_direction(rows, max_loss_pct):
+    q0 = rows[0]["quality"]
+    ok = [r for r in rows if 100 * (r["quality"] - q0) / q0 <= max_loss_pct]
+    return max(ok, key=lambda r: r["ratio"]) if ok else None
+
+
+def pick_ignores_budget(rows, max_loss_pct):
+    return max(rows, key=lambda r: r["ratio"])
+
+
+def pick_absolute(rows, max_loss_pct):
+    q0 = rows[0]["quality"]
+    ok = [r for r in rows if 100 * abs(r["quality"] - q0) <= max_loss_pct or
+          (r["quality"] - q0 > 0) == r["higher_is_better"]]
+    return max(ok, key=lambda r: r["ratio"]) if ok else None
+
+
+def pick_first_fitting(rows, max_loss_pct):
+    # the first row of the table within budget (the baseline!), not the most compressed one
+    q0 = rows[0]["quality"]
+    for r in rows:
+        if 100 * ((q0 - r["quality"]) if r["higher_is_better"] else (r["quality"] - q0)) / q0 <= max_loss_pct:
+            return r
+    return None
+
+
+def test_pick_reference_passes():
+    assert run(ch11.check_pick_recipe, pick_recipe).status == PASS
+    assert run(ch11.check_pick_recipe, ch11.pick_recipe_reference).status == PASS
+
+
+def test_pick_stub_not_implemented():
+    assert run(ch11.check_pick_recipe, stub).status == NOT_IMPLEMENTED
+
+
+@pytest.mark.parametrize("wrong, word", [
+    (pick_ignores_direction, "direction"),
+    (pick_ignores_budget, "budget"),
+    (pick_absolute, "budget"),
+    (pick_first_fitting, "larger ratio"),
+])
+def test_pick_mistakes_caught(wrong, word):
+    r = run(ch11.check_pick_recipe, wrong)
+    assert r.status in (FAIL, ERROR) and word in r.message
+
+
+def test_pick_does_not_need_mutable_input():
+    rows = [{"ratio": 1.0, "quality": 1.0, "higher_is_better": True, "technique": "b"}]
+    assert pick_recipe(copy.deepcopy(rows), 0.0)["technique"] == "b"
