@@ -922,7 +922,7 @@ if RC is not None:
         [("merge", {"num_groups": 2})])
     row("pipeline/bits=5", RC.pipeline, VE, r"steps\[0\] \(quantize\): bits must be one of \(2, 3, 4, 8\), got 5", LM,
         [("quantize", {"bits": 5})])
-    row("pipeline/rank=0", RC.pipeline, VE, r"steps\[0\] \(lowrank\): rank must be positive, got 0", LM, [("lowrank", {"rank": 0})])
+    row("pipeline/rank=0", RC.pipeline, VE, r"steps\[0\] \(lowrank\): rank must be >= 1, got 0", LM, [("lowrank", {"rank": 0})])
     row("pipeline/quantize then lowrank", RC.pipeline, VE, r"steps\[1\] \(lowrank\): needs plain experts, but steps\[0\] \(quantize\) "
         r"already stored them in a compressed form; put 'lowrank' before it", LM, [("quantize", {"bits": 4}), ("lowrank", {"rank": 2})])
     row("pipeline/quantize twice", RC.pipeline, VE, r"steps\[1\] \(quantize\): needs plain experts, but steps\[0\] \(quantize\)", LM,
@@ -938,13 +938,10 @@ if RC is not None:
     row("pipeline/evaluate", RC.pipeline, TE, r"evaluate: expected a callable model -> float, got float", LM, [], evaluate=0.5)
     row("pipeline/callable returns None", RC.pipeline, TE, r"steps\[0\] \(callable\): returned NoneType, expected an nn.Module",
         LM, [lambda m: None])
-    # Steps run one after another on the same model: with inplace=True a step that fails at run time
-    # (here merge, whose num_groups is only checked against the model once it runs) leaves the earlier
-    # steps applied. Reported; the row documents it until pipeline validates such arguments up front
-    # or works on a copy and assigns back at the end.
+    # A step that fails at run time (merge checks num_groups against the model only when it runs)
+    # after an earlier step succeeded: with inplace=True the model must come back unchanged.
     row("pipeline/inplace half-applied", RC.pipeline, VE, r"steps\[1\] \(merge\): num_groups", L(lambda: copy.deepcopy(lm())),
         [("drop_layers", {"n": 1}), ("merge", {"num_groups": 9})], CAL, inplace=True)
-    known_issue("pipeline(inplace=True) applies steps[0] before steps[1] fails")
     row("quantize_rest/bits", RC.quantize_rest, VE, r"bits: expected one of \(2, 3, 4, 8\), got 5", LM, 5)
     row("quantize_rest/embedding_bits", RC.quantize_rest, VE, r"embedding_bits: expected one of \(2, 3, 4, 8\), got 16", LM,
         embedding_bits=16)
@@ -952,9 +949,7 @@ if RC is not None:
     row("quantize_rest/dense", RC.quantize_rest, VE, r"model: MoETransformerLM has no MoE layers", DENSE)
     row("quantize_rest/nan inplace", RC.quantize_rest, VE, r"model: expected finite weights",
         L(lambda: _nan_param(copy.deepcopy(lm()), "blocks.1.mixer.qkv.weight")), inplace=True)
-    known_issue("quantize_rest checks no NaN up front: inplace=True quantizes blocks.0 before failing on blocks.1")
     row("describe_step/unknown", RC.describe_step, VE, r"step: unknown step 'quantise'; allowed names", ("quantise", {}))
-    known_issue("describe_step raises a bare KeyError for an unknown name")
     row("pareto_frontier/dict", RC.pareto_frontier, TE, r"points: expected a list of dicts, got dict", {"bytes": 1})
     row("pareto_frontier/item", RC.pareto_frontier, TE, r"points\[1\]: expected a dict, got int", [{"bytes": 1, "quality": 1.0}, 3])
     row("pareto_frontier/x", RC.pareto_frontier, TE, r"x, y: expected the names \(str\) of two keys", [], x=0)

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from moe_course import _validate
 from moe_course.layers import moe_layers, require_moe_layers
 
 __all__ = [
@@ -75,6 +76,8 @@ def quantize_rest(model: nn.Module, bits: int = 8, group_size: int | None = 32, 
     if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1):
         raise ValueError(f"group_size: expected None or a positive int, got {group_size!r}")
     require_moe_layers(model, "quantize")
+    # Checked up front: a NaN found half-way would leave an in-place model half quantized.
+    _validate.finite_model(model)
     out = model if inplace else copy.deepcopy(model)
     skip = {id(m) for layer in moe_layers(out) for m in layer.modules()}
     for parent in list(out.modules()):
@@ -188,7 +191,10 @@ def describe_step(step: Any) -> str:
     if callable(step) and not isinstance(step, (tuple, list)):
         return getattr(step, "__name__", type(step).__name__)
     name, kwargs = step
-    return _registry()[name].label(dict(kwargs))
+    reg = _registry()
+    if name not in reg:
+        raise ValueError(f"step: unknown step {name!r}; allowed names: {', '.join(STEPS)}")
+    return reg[name].label(dict(kwargs))
 
 
 def _check_steps(steps: Any, calib: Any, train_data: Any) -> list[tuple[str, Any, dict]]:
@@ -347,8 +353,6 @@ def pipeline(model: nn.Module, steps: Sequence[Any], calib: Any = None, evaluate
         :class:`PipelineResult` with the final model and rows ``{stage, step, bytes, ratio, params,
         quality, latency_ms, seconds}`` (``ratio`` = input bytes / bytes).
     """
-    from moe_course.metrics import latency as _latency, size_report
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     if evaluate is not None and not callable(evaluate):
@@ -356,8 +360,23 @@ def pipeline(model: nn.Module, steps: Sequence[Any], calib: Any = None, evaluate
     plan = _check_steps(steps, calib, train_data)
     teacher = model
     current = model if inplace else copy.deepcopy(model)
-    if any(kind == "distill" for kind, _, _ in plan) and inplace:
-        teacher = copy.deepcopy(model)   # the student is trained in place: keep a frozen teacher
+    # In place, a step can still fail at run time (after the checks above): keep a backup so
+    # the model is restored, never left half compressed. It doubles as the frozen KD teacher.
+    backup = copy.deepcopy(model) if inplace else None
+    if backup is not None and any(kind == "distill" for kind, _, _ in plan):
+        teacher = backup
+    try:
+        return _run(plan, model, current, teacher, calib, evaluate, train_data, latency_batch, latency_repeats)
+    except BaseException:
+        if backup is not None:
+            model.__dict__.clear()
+            model.__dict__.update(backup.__dict__)
+        raise
+
+
+def _run(plan, model, current, teacher, calib, evaluate, train_data, latency_batch, latency_repeats):
+    from moe_course.metrics import latency as _latency, size_report
+
     current.eval()
 
     def measure(stage: int, label: str, seconds: float) -> dict[str, Any]:
