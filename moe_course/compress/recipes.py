@@ -555,7 +555,7 @@ def compression_table(model_name: str, *, preset: str | None = None, cache_dir: 
     """Baseline, every single technique at a representative setting and the best combinations
     (:func:`table_recipes`) on a zoo model, measured: one dict per row with the keys
     :data:`ROW_KEYS` (``technique``, ``steps``, true ``bytes``, ``ratio`` = fp32 baseline bytes /
-    bytes, ``quality``, ``metric``, ``higher_is_better``, measured median ``latency_ms`` of one batch).
+    bytes, ``quality``, ``metric``, ``higher_is_better``, measured ``latency_ms`` of one batch, best of the repeats).
 
     Quality is measured on the zoo model's validation split (``quick``: its first 128 LM blocks /
     500 MNIST-1D rows, and fewer variants); calibration and KD recovery use the training split.
