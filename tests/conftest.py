@@ -47,3 +47,22 @@ def built_book(tmp_path_factory):
         cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
     )
     return done, out / "_build" / "html"
+
+
+@pytest.fixture
+def without_module(monkeypatch):
+    """``without_module("nbclient")`` makes ``cli.importlib.import_module`` raise ImportError for that
+    name, as on a machine where the optional dependency is not installed."""
+    from moe_course import cli
+
+    real_import = cli.importlib.import_module
+
+    def hide(missing: str) -> None:
+        def fake_import(name, *args, **kwargs):
+            if name == missing:
+                raise ImportError(f"No module named {missing!r}")
+            return real_import(name, *args, **kwargs)
+
+        monkeypatch.setattr(cli.importlib, "import_module", fake_import)
+
+    return hide

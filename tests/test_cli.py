@@ -112,19 +112,12 @@ def test_exercises_refuses_a_file_as_output_dir(tmp_path, capsys):
     assert "--exercises must be a directory" in capsys.readouterr().err
 
 
-def test_book_without_jupyter_book_asks_for_the_extra(tmp_path, monkeypatch, capsys):
+def test_book_without_jupyter_book_asks_for_the_extra(tmp_path, without_module, capsys):
     book = tmp_path / "book"
     book.mkdir()
     (book / "_config.yml").write_text("title: t\n")
     (book / "_toc.yml").write_text("format: jb-book\nroot: index\n")
-    real_import = cli.importlib.import_module
-
-    def fake_import(name, *args, **kwargs):
-        if name == "jupyter_book":
-            raise ImportError("no jupyter_book")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(cli.importlib, "import_module", fake_import)
+    without_module("jupyter_book")
     assert cli.main(["book", "--book-dir", str(book)]) == 2
     assert "[book] extra" in capsys.readouterr().err
 
@@ -296,15 +289,8 @@ def test_table_argument_validation(fake_engine, tmp_path, capsys):
     assert "--out must be a directory" in capsys.readouterr().err
 
 
-def test_table_without_the_engine_is_a_clear_usage_error(monkeypatch, tmp_path, capsys):
-    real_import = cli.importlib.import_module
-
-    def no_recipes(name, *args, **kwargs):
-        if name == "moe_course.compress.recipes":
-            raise ImportError("No module named 'moe_course.compress.recipes'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(cli.importlib, "import_module", no_recipes)
+def test_table_without_the_engine_is_a_clear_usage_error(without_module, tmp_path, capsys):
+    without_module("moe_course.compress.recipes")
     assert cli.main(["table", "--model", "mnist1d-moe", "--out", str(tmp_path)]) == 2
     assert "compression engine is not available" in capsys.readouterr().err
 

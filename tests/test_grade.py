@@ -241,15 +241,8 @@ def test_grade_rejects_non_positive_limits(tmp_path, capsys, option):
     assert option in capsys.readouterr().err
 
 
-def test_grade_without_nbclient_asks_for_it(tmp_path, monkeypatch, capsys):
-    real_import = cli.importlib.import_module
-
-    def no_nbclient(name, *args, **kwargs):
-        if name == "nbclient":
-            raise ImportError("No module named 'nbclient'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(cli.importlib, "import_module", no_nbclient)
+def test_grade_without_nbclient_asks_for_it(tmp_path, without_module, capsys):
+    without_module("nbclient")
     (tmp_path / "a.ipynb").write_text("{}")
     assert cli.main(["grade", str(tmp_path / "a.ipynb"), "--out", str(tmp_path / "o")]) == 2
     assert "pip install nbclient" in capsys.readouterr().err
