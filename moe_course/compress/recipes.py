@@ -485,14 +485,17 @@ def table_recipes(model: nn.Module, quick: bool = False) -> list[tuple[str, list
     """The variants of :func:`compression_table`: ``[(technique, steps), ...]`` (baseline first).
 
     Single techniques at a representative setting (a quarter of the experts removed or merged,
-    one MoE layer or block dropped, rank half the smaller expert dimension, 4 and 3 bits), then
+    one MoE layer or block dropped, rank half the break-even rank df/(d+f), 4 and 3 bits), then
     combinations in the spirit of He et al. (2024, trim then quantize) and MC-SMoE (Li et al., 2024).
     """
     layers = require_moe_layers(model, "compress")
     E = min(layer.num_experts for layer in layers)
     keep = max(min(layer.k for layer in layers), E - max(1, E // 4))
     g = _group_size(model)
-    rank = max(1, min(layers[0].experts.d_model, layers[0].experts.d_hidden) // 2)
+    # Half the break-even rank: a rank-r factor of a d x f matrix stores r(d + f) numbers, so it
+    # saves bytes only below r = df / (d + f); at half of that it halves the expert matrices.
+    d, f = layers[0].experts.d_model, layers[0].experts.d_hidden
+    rank = max(1, d * f // (d + f) // 2)
     q = lambda b, **kw: ("quantize", {"bits": b, "group_size": g, **kw})  # noqa: E731
     rest = ("quantize_rest", {"bits": 8, "group_size": g})
     rest4 = ("quantize_rest", {"bits": 4, "group_size": g, "embedding_bits": 8})
