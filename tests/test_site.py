@@ -190,7 +190,7 @@ _PAGE_FACTS = """async () => {
     if (window.MathJax && MathJax.startup && MathJax.startup.promise) await MathJax.startup.promise;
   }
   const visibleText = node => {
-    const skip = new Set(["PRE", "CODE", "SCRIPT", "STYLE", "TEXTAREA"]);
+    const skip = new Set(["PRE", "CODE", "SCRIPT", "STYLE", "TEXTAREA", "MJX-CONTAINER"]);
     let text = "";
     const walk = n => {
       if (n.nodeType === Node.TEXT_NODE) { text += n.textContent; return; }
@@ -213,7 +213,11 @@ _PAGE_FACTS = """async () => {
                      .filter(c => { const r = c.getBoundingClientRect(); return !(r.width > 0 && r.height > 0); })
                      .map(c => c.textContent.slice(0, 80)),
     errors: [...document.querySelectorAll("mjx-merror")].map(e => e.textContent.slice(0, 120)),
-    rawTeX: (visibleText(document.body).match(/\\$\\$|\\\\\\(|\\\\\\[/g) || []).length,
+    // Any dollar left in the prose is TeX that MyST paired wrongly (e.g. $$...$$ inside a paragraph).
+    rawTeX: (visibleText(document.body).match(/\\$|\\\\\\(|\\\\\\[/g) || []).length,
+    // A Markdown table printed as text: an output rendered without GitHub-flavoured tables.
+    // (smartquotes may have turned the --- into dashes).
+    rawTables: (visibleText(document.body).match(/\\|\\s*:?(-{3,}|[\u2013\u2014]+):?\\s*\\|/g) || []).length,
     mathjax: window.MathJax && MathJax.version ? MathJax.version : null,
   };
 }"""
@@ -316,7 +320,13 @@ def test_every_equation_is_typeset_by_the_bundled_mathjax(visited):
         assert not f["empty"], f"{page}: typeset equations with no size (fonts missing?): {f['empty'][:5]}"
         assert not f["errors"], f"{page}: TeX errors: {f['errors'][:5]}"
     raw = {page: f["rawTeX"] for page, f in facts.items() if f["rawTeX"]}
-    assert not raw, f"raw $$, \\( or \\[ in the text of {raw}"
+    assert not raw, f"raw $, \\( or \\[ in the text of {raw}"
+
+
+def test_markdown_outputs_render_as_tables(visited):
+    facts, _, _ = visited
+    raw = {page: f["rawTables"] for page, f in facts.items() if f["rawTables"]}
+    assert not raw, f"Markdown tables shown as text (pipes and dashes) on {raw}"
 
 
 def test_search_finds_each_chapter_by_a_word_of_its_title(browser, site):
