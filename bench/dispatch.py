@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 from moe_course.dispatch import dispatch, resolve_strategy
+from moe_course.metrics import timed_ms
 from moe_course.layers import Experts, TopKRouter
 
 
@@ -30,15 +30,6 @@ def make_case(tokens: int, d: int, h: int, e: int, k: int, device: torch.device)
     x = torch.randn(tokens, d, device=device)
     return experts, router, dense, x
 
-
-def timed(fn, device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) * 1e3
 
 
 def race(tokens: int, backward: bool, rounds: int, naive_rounds: int, device: torch.device):
@@ -75,7 +66,7 @@ def race(tokens: int, backward: bool, rounds: int, naive_rounds: int, device: to
         for name, fn in variants.items():
             if name == "naive" and i >= naive_rounds:
                 continue
-            times[name].append(timed(fn, device))
+            times[name].append(timed_ms(fn, device))
     return {name: statistics.median(v) for name, v in times.items()}
 
 

@@ -19,23 +19,14 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import time
 
 import torch
 
 from moe_course.factorized import MuMoE, cp_rank_for_budget, tr_rank_for_budget
+from moe_course.metrics import timed_ms
 
 EXPERTS = (64, 256, 1024, 4096)
 
-
-def timed(fn, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) * 1e3
 
 
 def build_variants(d: int, device: torch.device) -> tuple[dict, dict]:
@@ -88,7 +79,7 @@ def main() -> None:
             layer(x)
         for _ in range(rounds):
             for name, layer in layers.items():
-                times[name].append(timed(lambda: layer(x), device))
+                times[name].append(timed_ms(lambda: layer(x), device))
     med = {name: statistics.median(v) for name, v in times.items()}
     params = {name: sum(p.numel() for p in layer.parameters()) for name, layer in layers.items()}
 

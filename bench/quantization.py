@@ -20,7 +20,6 @@ import copy
 import importlib.util
 import os
 import statistics
-import time
 import warnings
 
 import torch
@@ -66,9 +65,7 @@ def time_round_robin(models: dict[str, nn.Module], batch, rounds: int) -> dict[s
             metrics._forward(m, batch)  # warm-up
         for _ in range(rounds):
             for name, m in models.items():
-                t0 = time.perf_counter()
-                metrics._forward(m, batch)
-                times[name].append((time.perf_counter() - t0) * 1e3)
+                times[name].append(metrics.timed_ms(lambda: metrics._forward(m, batch)))
     return {k: statistics.median(v) for k, v in times.items()}
 
 

@@ -53,6 +53,7 @@ __all__ = [
     "format_count",
     "LatencyResult",
     "latency",
+    "timed_ms",
     "LayerRoutingStats",
     "RoutingStats",
     "routing_stats",
@@ -468,6 +469,19 @@ def _quantile(sorted_values: list[float], q: float) -> float:
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
 
 
+def timed_ms(fn: Callable[[], Any], device: torch.device | str | None = None) -> float:
+    """Wall-clock milliseconds of one call ``fn()``. On CUDA the device is synchronised before and
+    after, so the clock sees the queued kernels finish (not just their launch)."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    t0 = time.perf_counter()
+    fn()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return (time.perf_counter() - t0) * 1e3
+
+
 def latency(
     model: nn.Module | None,
     batch: torch.Tensor | Mapping[str, torch.Tensor] | Callable[[], Any],
@@ -516,16 +530,9 @@ def latency(
         else:
             moved = _to(batch, dev)
             run = lambda: _forward(model, moved)  # noqa: E731
-        sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
         for _ in range(warmup):
             run()
-        times = []
-        for _ in range(repeats):
-            sync()
-            t0 = time.perf_counter()
-            run()
-            sync()
-            times.append((time.perf_counter() - t0) * 1e3)
+        times = [timed_ms(run, dev) for _ in range(repeats)]
     ordered = sorted(times)
     median = statistics.median(ordered)
     return LatencyResult(
