@@ -29,6 +29,17 @@ def _close(a, b, rtol: float = 1e-4, atol: float = 1e-5) -> bool:
     return a.shape == b.shape and bool(torch.allclose(a, b, rtol=rtol, atol=atol))
 
 
+def _diagnose(out, ref, variants, hints: dict[str, str], what: str, otherwise: str) -> None:
+    """Pass if ``out`` matches ``ref``; else name the typical mistake whose output it matches
+    (``variants()``: {name: wrong output}, computed only on a mismatch), else fail with ``otherwise``."""
+    if _close(out, ref):
+        return
+    for name, value in variants().items():
+        if _close(out, value):
+            raise CheckFailed(f"{what}: {hints[name]}")
+    raise CheckFailed(f"{what}: {otherwise}")
+
+
 # --------------------------------------------------------------------------------------------
 # Exercise 10.1: entmax-1.5
 # --------------------------------------------------------------------------------------------
@@ -159,14 +170,9 @@ def _cp_case(student_fn, t: int, n: int, i: int, o: int, r: int, what: str) -> N
     z, a = torch.randn(t, i), torch.softmax(torch.randn(t, n) * 2, dim=-1)
     u_exp, u_in, u_out = torch.randn(n, r) + 1, torch.randn(i + 1, r) / math.sqrt(i), torch.randn(o, r) / math.sqrt(r)
     out = _call_cp(student_fn, z, a, u_exp, u_in, u_out, what)
-    ref = _cp_reference(z, a, u_exp, u_in, u_out)
-    if _close(out, ref, rtol=1e-4, atol=1e-5):
-        return
-    for name, value in _cp_variants(z, a, u_exp, u_in, u_out).items():
-        if _close(out, value, rtol=1e-4, atol=1e-5):
-            raise CheckFailed(f"{what}: {_CP_HINTS[name]}")
-    raise CheckFailed(f"{what}: values differ from y = ((a U_exp) * (z_bar U_in)) U_out^T, the contraction of the "
-                      "CP tensor W[n,i,o] = sum_r U_exp[n,r] U_in[i,r] U_out[o,r] with a and z_bar")
+    _diagnose(out, _cp_reference(z, a, u_exp, u_in, u_out), lambda: _cp_variants(z, a, u_exp, u_in, u_out),
+              _CP_HINTS, what, "values differ from y = ((a U_exp) * (z_bar U_in)) U_out^T, the contraction of the "
+              "CP tensor W[n,i,o] = sum_r U_exp[n,r] U_in[i,r] U_out[o,r] with a and z_bar")
 
 
 @checker("Exercise 10.2: cp_mumoe_forward")
@@ -243,14 +249,9 @@ def _tr_case(student_fn, t: int, n: int, i: int, o: int, ranks: tuple[int, int, 
     out = student_fn(z.clone(), a.clone(), g1, g2, g3)
     expect(torch.is_tensor(out), f"tr_mumoe_forward must return a torch tensor, got {type(out).__name__}")
     expect(tuple(out.shape) == (t, o), f"{what}: expected an output of shape {(t, o)} ([T, O]), got {tuple(out.shape)}")
-    ref = _tr_reference(z, a, g1, g2, g3)
-    if _close(out, ref, rtol=1e-4, atol=1e-5):
-        return
-    for name, value in _tr_variants(z, a, g1, g2, g3).items():
-        if _close(out, value, rtol=1e-4, atol=1e-5):
-            raise CheckFailed(f"{what}: {_TR_HINTS[name]}")
-    raise CheckFailed(f"{what}: values differ from the tensor-ring layer: A = sum_n a_n G1[:,n,:], "
-                      "B = sum_i z_bar_i G2[:,i,:], M = A B, y_o = sum_{a,c} G3[c,o,a] M[a,c]")
+    _diagnose(out, _tr_reference(z, a, g1, g2, g3), lambda: _tr_variants(z, a, g1, g2, g3), _TR_HINTS, what,
+              "values differ from the tensor-ring layer: A = sum_n a_n G1[:,n,:], "
+              "B = sum_i z_bar_i G2[:,i,:], M = A B, y_o = sum_{a,c} G3[c,o,a] M[a,c]")
 
 
 @checker("Exercise 10.3: tr_mumoe_forward")
