@@ -1,7 +1,9 @@
 """Pick the compute device and seed every random number generator the course uses.
 
 The environment variable ``MOE_COURSE_DEVICE`` (e.g. ``cpu``, ``cuda``, ``cuda:1``, ``mps``) wins over
-everything, so a reader can pin a notebook to the CPU without editing it.
+everything, so a reader can pin a notebook to the CPU without editing it. ``MOE_COURSE_PRESET``
+(``cpu``, ``gpu`` or ``test``) likewise overrides the size preset that ``auto`` picks, e.g. the quick
+``cpu`` models on a GPU class server.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ import random
 import numpy as np
 import torch
 
-__all__ = ["ENV_VAR", "get_device", "seed_everything", "default_preset"]
+__all__ = ["ENV_VAR", "PRESET_ENV_VAR", "get_device", "seed_everything", "default_preset"]
 
 ENV_VAR = "MOE_COURSE_DEVICE"
+PRESET_ENV_VAR = "MOE_COURSE_PRESET"
+_PRESETS = ("cpu", "gpu", "test")
 _KNOWN = ("cpu", "cuda", "mps")
 
 
@@ -93,8 +97,14 @@ def seed_everything(seed: int) -> None:
 def default_preset(device: str | torch.device | None = None) -> str:
     """Return ``"gpu"`` when ``device`` (default: :func:`get_device`) is CUDA, else ``"cpu"``.
 
-    MPS gets the ``cpu`` preset: the larger ``gpu`` preset is sized for a CUDA card.
+    MPS gets the ``cpu`` preset: the larger ``gpu`` preset is sized for a CUDA card. The environment
+    variable ``MOE_COURSE_PRESET`` wins when it is set.
     """
+    forced = os.environ.get(PRESET_ENV_VAR, "").strip()
+    if forced:
+        if forced not in _PRESETS:
+            raise ValueError(f"{PRESET_ENV_VAR} must be one of {', '.join(_PRESETS)}, got {forced!r}")
+        return forced
     if device is None:
         dev = get_device()
     elif isinstance(device, torch.device):

@@ -90,3 +90,15 @@ def test_default_preset():
 def test_default_preset_follows_env(monkeypatch):
     monkeypatch.setenv(ENV_VAR, "cpu")
     assert default_preset() == "cpu"
+
+
+def test_preset_env_var_overrides_auto(monkeypatch):
+    from moe_course.device import default_preset
+
+    monkeypatch.setenv("MOE_COURSE_PRESET", "cpu")
+    assert default_preset("cuda") == "cpu"
+    monkeypatch.setenv("MOE_COURSE_PRESET", "gpu")
+    assert default_preset("cpu") == "gpu"
+    monkeypatch.setenv("MOE_COURSE_PRESET", "huge")
+    with pytest.raises(ValueError, match="MOE_COURSE_PRESET must be one of cpu, gpu, test, got 'huge'"):
+        default_preset("cpu")
