@@ -316,6 +316,23 @@ def _cmd_table(args: argparse.Namespace) -> int:
     return 0
 
 
+def _default_reference(paths: Sequence[str]) -> tuple[Path | None, str]:
+    """The ``solutions/`` of the course checkout that holds the graded notebooks (searched upwards
+    from each path), else of the checkout around the current directory; never another checkout's
+    through the installed package."""
+    for given in paths:
+        here = Path(given).resolve()
+        for candidate in (here, *here.parents):
+            solutions = candidate / "solutions"
+            if solutions.is_dir() and any(solutions.glob("*.ipynb")):
+                return solutions, f"the solutions/ next to {given}"
+    here = Path.cwd().resolve()
+    for candidate in (here, *here.parents):
+        if _is_repo_root(candidate) and (candidate / "solutions").is_dir():
+            return candidate / "solutions", "the solutions/ of the checkout around the current directory"
+    return None, ""
+
+
 def _cmd_grade(args: argparse.Namespace) -> int:
     from moe_course.grading import runner
 
@@ -329,12 +346,20 @@ def _cmd_grade(args: argparse.Namespace) -> int:
         reference = Path(args.reference)
         if not reference.is_dir():
             raise UsageError(f"--reference must be a directory of reference notebooks, got {args.reference!r}")
+        how = "--reference"
     else:
-        root = find_repo_root()
-        reference = root / "solutions" if root is not None and (root / "solutions").is_dir() else None
+        reference, how = _default_reference(args.paths)
         if reference is None:
             print("note: no solutions/ found (pass --reference DIR): the exercises expected in each notebook "
                   "are the check calls it still contains, so deleted check cells go unnoticed", file=sys.stderr)
+    if reference is not None:
+        print(f"reference notebooks: {reference} ({how})")
+    roster = None
+    if args.roster is not None:
+        if not Path(args.roster).is_file():
+            raise UsageError(f"--roster must be a text file with one student id per line, got {args.roster!r}")
+        roster = runner.read_roster(args.roster)
+    notebooks = [n.strip().removesuffix(".ipynb") for n in args.notebooks.split(",")] if args.notebooks else None
     out = _output_dir(args.out)
     try:
         importlib.import_module("nbformat")
@@ -352,7 +377,7 @@ def _cmd_grade(args: argparse.Namespace) -> int:
         report = runner.grade(
             args.paths, reference_dir=reference, out_dir=out, timeout=args.timeout, cell_timeout=args.cell_timeout,
             check_timeout=args.check_timeout, max_output_bytes=args.max_output_bytes, jobs=args.jobs,
-            progress=progress,
+            roster=roster, notebooks=notebooks, progress=progress,
         )
     except (FileNotFoundError, ValueError) as err:
         raise UsageError(str(err)) from None
@@ -442,8 +467,10 @@ Student id: the first sub-directory under a given directory (subm/alice/02_x.ipy
 for a notebook directly in a given directory or given as a file, the part of its name before
 the reference name (alice_02_sparse_gating.ipynb -> alice), else its parent directory's name.
 Expected exercises: the check calls in the reference notebook of the same name (--reference).
+Missing work: every student (and every --roster name) gets a 'missing' row per expected exercise of
+each expected notebook (--notebooks, else every one anybody handed in) that they did not hand in.
 Statuses: pass, fail, error, not implemented, timed out (the check's time limit), missing
-(check cell deleted), not run: cell error | timeout | kernel died, unreadable (not a notebook).
+(check cell deleted, or notebook not handed in), not run: cell error | timeout | kernel died, unreadable (not a notebook).
 Writes OUT/grades.csv (student x exercise rows), OUT/summary.csv (one line per student),
 OUT/grades.json and OUT/executed/<student>/*.ipynb; prints pass counts per student and exercise.
 Student code runs with your permissions: grade untrusted submissions in a container.""",
@@ -454,7 +481,8 @@ Student code runs with your permissions: grade untrusted submissions in a contai
     grade.add_argument("paths", nargs="+", metavar="PATH", help="notebooks or directories of notebooks")
     grade.add_argument("--out", default="grades", metavar="DIR", help="report directory (default: ./grades)")
     grade.add_argument("--reference", default=None, metavar="DIR",
-                       help="reference notebooks, matched by file name (default: <repo>/solutions)")
+                       help="reference notebooks, matched by file name (default: the solutions/ of the "
+                            "checkout holding the graded notebooks, else of the current directory's)")
     grade.add_argument("--timeout", type=_positive_float, default=600.0, metavar="SECONDS",
                        help="time limit of one whole notebook (default: 600)")
     grade.add_argument("--cell-timeout", type=_positive_float, default=300.0, metavar="SECONDS",
@@ -465,6 +493,11 @@ Student code runs with your permissions: grade untrusted submissions in a contai
                        help="output kept per cell; the rest is dropped (default: 100000)")
     grade.add_argument("--jobs", type=_positive_int, default=1, metavar="N",
                        help="notebooks graded at once, one kernel each (default: 1)")
+    grade.add_argument("--roster", metavar="FILE",
+                       help="student ids, one per line: students who handed in nothing get 'missing' rows")
+    grade.add_argument("--notebooks", metavar="NAMES",
+                       help="comma-separated reference notebooks every student must hand in, e.g. "
+                            "02_sparse_gating,05_quantization (default: every one that anybody handed in)")
     grade.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     grade.set_defaults(func=_cmd_grade)
     return parser

@@ -255,3 +255,63 @@ def test_parallel_jobs_give_the_same_rows_in_the_same_order(graded, tmp_path):
     report = runner.grade([subm], reference_dir=graded["reference"], jobs=2, check_timeout=5)
     assert [(r.student, r.status) for r in report.rows] == [
         (s, graded["rows"][(s, i)]["status"]) for s in ("good", "typo") for i in IDS]
+
+
+def test_missing_notebooks_and_students_are_rows_and_fail_the_run(tmp_path, capsys):
+    """Two assignments; alice hands in both (one wrong answer), bob one, carol (on the roster) none."""
+    if not _has_python3_kernel():
+        pytest.skip("no python3 Jupyter kernel (pip install ipykernel)")
+    reference = tmp_path / "solutions"
+    reference.mkdir()
+    nbformat.write(notebook(*GOOD), reference / f"{NAME}.ipynb")
+    nbformat.write(notebook(SETUP, TOPK, CHECK_TOPK), reference / "05_more.ipynb")
+    subm = tmp_path / "subm"
+    wrong_topk = TOPK.replace("return w / w.sum(dim=-1, keepdim=True), i", "return w, i")  # not renormalised
+    for student, name, cells in [("alice", NAME, GOOD), ("alice", "05_more", (SETUP, wrong_topk, CHECK_TOPK)),
+                                 ("bob", NAME, GOOD)]:
+        (subm / student).mkdir(parents=True, exist_ok=True)
+        nbformat.write(notebook(*cells), subm / student / f"{name}.ipynb")
+    roster = tmp_path / "roster.txt"
+    roster.write_text("# class of 2026\nalice\nbob\n\ncarol  # dropped the course?\n")
+    out = tmp_path / "out"
+    code = cli.main(["grade", str(subm), "--reference", str(reference), "--roster", str(roster), "--out", str(out),
+                     "--cell-timeout", "60", "--quiet"])
+    printed = capsys.readouterr().out
+    assert code == 1
+    rows = {(r["student"], r["notebook"], r["exercise"]): r for r in json.loads((out / "grades.json").read_text())["results"]}
+    assert rows[("alice", NAME, IDS[0])]["status"] == "pass"
+    assert rows[("alice", "05_more", IDS[0])]["status"] == "fail"
+    assert rows[("bob", "05_more", IDS[0])]["status"] == MISSING
+    assert rows[("bob", "05_more", IDS[0])]["message"] == "notebook not handed in"
+    assert {rows[("carol", NAME, i)]["status"] for i in IDS} == {MISSING}
+    assert rows[("carol", "05_more", IDS[0])]["message"] == "no notebooks handed in"
+    assert len(rows) == 3 * 4  # every student x every expected exercise, exactly once
+    summary = list(csv.reader((out / "summary.csv").open()))
+    assert [line[0] for line in summary[1:]] == ["alice", "bob", "carol"]
+    assert "missing work:" in printed and "carol: 02_sparse_gating.ipynb: no notebooks handed in" in printed
+    assert f"reference notebooks: {reference} (--reference)" in printed
+
+
+def test_default_reference_is_the_solutions_next_to_the_graded_notebooks(tmp_path, monkeypatch):
+    checkout = tmp_path / "other-checkout"
+    (checkout / "solutions").mkdir(parents=True)
+    (checkout / "exercises").mkdir()
+    nbformat.write(notebook(*GOOD), checkout / "solutions" / f"{NAME}.ipynb")
+    monkeypatch.chdir(tmp_path)  # not inside any checkout: the installed package's must not be used
+    found, how = cli._default_reference([str(checkout / "exercises")])
+    assert found == checkout / "solutions" and "next to" in how
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--notebooks", "99_nope"], "notebooks: 99_nope not among the reference notebooks"),
+    (["--roster", "no-such-roster.txt"], "--roster must be a text file"),
+])
+def test_grade_bad_roster_or_notebooks_exit_2(tmp_path, capsys, argv, words):
+    reference = tmp_path / "solutions"
+    reference.mkdir()
+    nbformat.write(notebook(*GOOD), reference / f"{NAME}.ipynb")
+    nbformat.write(notebook(*GOOD), tmp_path / f"{NAME}.ipynb")
+    code = cli.main(["grade", str(tmp_path / f"{NAME}.ipynb"), "--reference", str(reference),
+                     "--out", str(tmp_path / "out"), *argv])
+    assert code == 2
+    assert words in capsys.readouterr().err

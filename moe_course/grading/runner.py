@@ -28,6 +28,10 @@ unreadable                 the file is not valid JSON / not a notebook / larger 
 not run: grader error      the runner itself failed on this notebook (a bug: please report it)
 =========================  ===========================================================================
 
+Missing work: every student who handed in anything, and every name of an optional roster, gets a
+``missing`` row for each expected exercise of every expected notebook they did not hand in
+(expected notebooks: the ones named, else every reference notebook anybody handed in).
+
 Student ids: a notebook found in a sub-directory of a directory given on the command line belongs
 to that sub-directory's name (``subm/alice/02_sparse_gating.ipynb`` -> ``alice``, also for deeper
 nesting ``subm/alice/hw2/...``). A notebook directly in a given directory, or given as a file, is
@@ -62,7 +66,7 @@ from .core import (
 __all__ = [
     "MISSING", "NOT_RUN", "NOT_RUN_CELL_ERROR", "NOT_RUN_TIMEOUT", "NOT_RUN_KERNEL_DIED", "UNREADABLE",
     "GRADER_ERROR", "Submission", "Row", "NotebookRun", "GradeReport", "find_submissions", "expected_checks",
-    "grade_notebook", "grade", "write_reports", "format_summary",
+    "grade_notebook", "grade", "write_reports", "format_summary", "read_roster",
 ]
 
 MISSING = "missing"
@@ -530,9 +534,15 @@ def grade(paths: Sequence[str | os.PathLike], *, reference_dir: str | os.PathLik
           out_dir: str | os.PathLike | None = None, timeout: float = DEFAULT_TIMEOUT,
           cell_timeout: float = DEFAULT_CELL_TIMEOUT, check_timeout: float | None = DEFAULT_CHECK_TIMEOUT,
           max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES, jobs: int = 1,
+          roster: Sequence[str] | None = None, notebooks: Sequence[str] | None = None,
           progress: Callable[[str], None] | None = None) -> GradeReport:
     """Grade every notebook under ``paths``; write ``grades.csv``, ``summary.csv``, ``grades.json``
     and ``executed/<student>/*.ipynb`` into ``out_dir`` when given. See the module docstring.
+
+    Missing work is reported, never skipped: every student (those who handed something in, plus
+    ``roster``) gets a ``missing`` row for each expected exercise of each expected notebook they did
+    not hand in. The expected notebooks are ``notebooks`` (reference stems such as
+    ``"02_sparse_gating"``), else every reference notebook that any student handed in.
 
     ``jobs`` > 1 grades that many notebooks at once, each in its own worker process and kernel
     (rows keep the order of the notebooks); time limits are per notebook either way.
@@ -547,9 +557,15 @@ def grade(paths: Sequence[str | os.PathLike], *, reference_dir: str | os.PathLik
     if not max_output_bytes > 0:
         raise ValueError(f"max_output_bytes must be a positive number of bytes, got {max_output_bytes!r}")
     references = reference_notebooks(reference_dir)
+    roster = _check_names(roster, "roster")
+    notebooks = _check_names(notebooks, "notebooks")
+    unknown = [n for n in notebooks if n not in references]
+    if unknown:
+        raise ValueError(f"notebooks: {', '.join(unknown)} not among the reference notebooks "
+                         f"({', '.join(references) or 'none: pass a reference directory'})")
     out = Path(out_dir) if out_dir is not None else None
     submissions = find_submissions(paths, references, exclude=[out] if out is not None else [])
-    if not submissions:
+    if not submissions and not roster:
         raise ValueError(f"no .ipynb notebooks found under {', '.join(map(str, paths))}")
     start = time.monotonic()
     options = dict(timeout=timeout, cell_timeout=cell_timeout, check_timeout=check_timeout,
@@ -587,7 +603,12 @@ def grade(paths: Sequence[str | os.PathLike], *, reference_dir: str | os.PathLik
                 done(n, submissions[n], result)
     runs = [r[0] for r in results]
     rows = [row for r in results for row in r[1]]
+    expected = list(notebooks) or [n for n in references if any(sub.notebook == n for sub in submissions)]
+    missing_runs, missing_rows = _missing_work(submissions, roster, expected, references)
+    runs += missing_runs
+    rows += missing_rows
     settings = {"paths": [str(p) for p in paths], "reference_dir": str(reference_dir) if reference_dir else None,
+                "expected_notebooks": expected, "roster": list(roster),
                 "timeout": timeout, "cell_timeout": cell_timeout, "check_timeout": check_timeout,
                 "max_output_bytes": max_output_bytes, "jobs": jobs, "kernel": KERNEL_NAME,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -595,6 +616,39 @@ def grade(paths: Sequence[str | os.PathLike], *, reference_dir: str | os.PathLik
     if out is not None:
         write_reports(report, out)
     return report
+
+
+def _check_names(names: Sequence[str] | None, what: str) -> list[str]:
+    if names is None:
+        return []
+    if isinstance(names, str) or not all(isinstance(n, str) and n.strip() for n in names):
+        raise ValueError(f"{what} must be a list of non-empty names, got {names!r}")
+    return list(dict.fromkeys(n.strip() for n in names))
+
+
+def read_roster(path: str | os.PathLike) -> list[str]:
+    """Student ids, one per line; blank lines and ``#`` comments are ignored."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    return list(dict.fromkeys(line.split("#", 1)[0].strip() for line in lines if line.split("#", 1)[0].strip()))
+
+
+def _missing_work(submissions: list[Submission], roster: list[str], expected: list[str],
+                  references: dict[str, Path]) -> tuple[list[NotebookRun], list[Row]]:
+    """``missing`` rows for every expected notebook a student (or a roster name) did not hand in."""
+    import nbformat
+
+    handed_in = {(sub.student, sub.notebook) for sub in submissions}
+    students = list(dict.fromkeys([sub.student for sub in submissions] + roster))
+    checks = {name: expected_checks(nbformat.read(references[name], as_version=4)) for name in expected}
+    runs, rows = [], []
+    for student in students:
+        for name in expected:
+            if (student, name) in handed_in:
+                continue
+            why = "no notebooks handed in" if not any(s == student for s, _ in handed_in) else "notebook not handed in"
+            runs.append(NotebookRun(student, name, "", MISSING, f"{name}.ipynb: {why}"))
+            rows += [Row(student, name, c, check_title(c), MISSING, why, None, "") for c in checks[name]]
+    return runs, rows
 
 
 CSV_COLUMNS = ("student", "notebook", "exercise", "title", "status", "message", "seconds", "file")
@@ -644,7 +698,12 @@ def format_summary(report: GradeReport) -> str:
     lines.append(f"{'exercise':<{width}}  passed")
     for exercise, (passed, total) in exercises.items():
         lines.append(f"{titles[exercise]:<{width}}  {passed}/{total}")
-    problems = [r for r in report.runs if r.outcome != "ok" or r.cell_errors]
+    problems = [r for r in report.runs if r.outcome not in ("ok", MISSING) or r.cell_errors]
+    absent = [r for r in report.runs if r.outcome == MISSING]
+    if absent:
+        lines.append("")
+        lines.append("missing work:")
+        lines += [f"  {r.student}: {r.detail}" for r in absent]
     if problems:
         lines.append("")
         lines.append("notebook problems:")
