@@ -4,9 +4,10 @@ tests/test_site.py."""
 
 import json
 import os
-import tempfile
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -28,9 +29,16 @@ def pytest_configure(config):
     spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
             "display_name": "Python 3 (moe-course tests)", "language": "python"}
     (kernels / "kernel.json").write_text(json.dumps(spec))
+    config._moe_course_jupyter_dir = kernels.parents[1]
     os.environ["JUPYTER_PATH"] = os.pathsep.join(
         [str(kernels.parents[1])] + [p for p in os.environ.get("JUPYTER_PATH", "").split(os.pathsep) if p]
     )
+
+
+def pytest_unconfigure(config):
+    jupyter_dir = getattr(config, "_moe_course_jupyter_dir", None)
+    if jupyter_dir is not None:
+        shutil.rmtree(jupyter_dir, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):
