@@ -1,22 +1,28 @@
-"""Checkers for chapter 2, sparse gating: top-k routing, the Switch balance loss, expert capacity.
+"""Checkers for chapter 2, sparse gating: top-k routing, the Switch balance loss, the capacity mask
+and the expert capacity itself.
 
 Each checker compares the student's function with the package's reference
 (:class:`moe_course.layers.TopKRouter`, :func:`moe_course.losses.load_balancing_loss`,
-:func:`moe_course.dispatch.capacity_mask`) on a hand-made case, random cases and edge cases, and
-recognises the usual wrong answers so that the hint names the mistake, not just the gap.
+:func:`moe_course.dispatch.capacity_mask`, :meth:`moe_course.layers.SparseMoE.capacity`) on a
+hand-made case, random cases and edge cases, and recognises the usual wrong answers so that the
+hint names the mistake, not just the gap.
 """
 
 from __future__ import annotations
+
+import math
+import numbers
 
 import torch
 import torch.nn.functional as F
 
 from moe_course.dispatch import capacity_mask
+from moe_course.layers import SparseMoE
 from moe_course.losses import load_balancing_loss
 
 from .core import CheckFailed, checker, expect, expect_close
 
-__all__ = ["check_topk_route", "check_switch_balance_loss", "check_capacity_keep_mask"]
+__all__ = ["check_topk_route", "check_switch_balance_loss", "check_capacity_keep_mask", "check_expert_capacity"]
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-4, atol: float = 1e-5) -> bool:
@@ -142,13 +148,19 @@ def _balance_variants(probs: torch.Tensor, indices: torch.Tensor, n: int) -> dic
     p = probs.double().mean(0)
     picked = torch.zeros_like(probs.double()).scatter(1, indices, probs.double().gather(1, indices))
     renorm = picked / picked.sum(-1, keepdim=True)
-    return {
+    own = torch.bincount(probs.topk(k, dim=-1).indices.reshape(-1), minlength=n).double() / (t * k)
+    out = {}
+    if int(indices.max()) == 0:  # bincount without minlength: a length-1 count that broadcasts over P
+        out["no_minlength"] = n * (f[0] * p).sum()
+    out.update({
         "soft_f": n * (p * p).sum(),
         "no_n": (f * p).sum(),
         "renorm_p": n * (f * renorm.mean(0)).sum(),
         "per_token_f": n * ((counts / t) * p).sum(),
         "no_n_per_token": ((counts / t) * p).sum(),
-    }
+        "own_topk": n * (own * p).sum(),
+    })
+    return out
 
 
 _BALANCE_HINTS = {
@@ -161,6 +173,10 @@ _BALANCE_HINTS = {
     "per_token_f": "f_i is divided by T instead of T*k: f counts all T*k assignments and must sum to 1 (so the "
                    "balanced value is 1 for any k)",
     "no_n_per_token": "the N factor is missing and f_i is divided by T instead of T*k",
+    "own_topk": "f_i must be counted from the given `indices` (the experts the tokens were actually sent to, "
+                "e.g. after noise or capacity), not re-derived from the top-k of probs",
+    "no_minlength": "when only expert 0 is used, torch.bincount(indices) has length 1 and broadcasts over P: "
+                    "experts nobody was sent to must still count, with f_i = 0, so pass minlength=num_experts",
 }
 
 
@@ -190,12 +206,22 @@ def check_switch_balance_loss(student_fn) -> None:
     probs = torch.zeros(8, n)
     probs[:, 0] = 1.0
     _balance_case(student_fn, probs, torch.zeros(8, 1, dtype=torch.long), n, f"total collapse should give N={n}")
-
     # Real-looking routing: softmax of random logits, the top-k of those probabilities.
     for t, e, k in ((64, 8, 2), (50, 4, 1), (128, 16, 4), (9, 8, 8)):
         probs = torch.softmax(torch.randn(t, e) * 1.5 + torch.linspace(0, 1.5, e), dim=-1)
         indices = probs.topk(k, dim=-1).indices
         _balance_case(student_fn, probs, indices, e, f"random routing (T={t}, N={e}, k={k})")
+    # Collapse with SOFT probabilities: every token is sent to expert 0 although the router gives it only
+    # about 0.6 on average, so the loss is N * P_0 (< N); then top-2 collapse onto experts 0 and 1.
+    probs = torch.softmax(torch.randn(16, n) * 0.5 + torch.tensor([1.5, 0.0, 0.0, 0.0]), dim=-1)
+    _balance_case(student_fn, probs, torch.zeros(16, 1, dtype=torch.long), n,
+                  "collapse onto expert 0 with soft probabilities (expected N * P_0)")
+    _balance_case(student_fn, probs, torch.tensor([[0, 1]]).repeat(16, 1), n,
+                  "top-2 collapse onto experts 0 and 1 with soft probabilities")
+    # The indices need not be the top-k of probs (noisy routing, re-routed overflow): f counts what was sent.
+    probs = torch.softmax(torch.randn(32, 8), dim=-1)
+    _balance_case(student_fn, probs, probs.topk(2, dim=-1, largest=False).indices, 8,
+                  "indices that are not the top-k of probs (T=32, N=8, k=2)")
 
     # The loss trains the router only through P (f is a count): the gradient must match.
     probs = torch.softmax(torch.randn(32, 8), dim=-1).requires_grad_(True)
@@ -231,6 +257,12 @@ def _mask_case(student_fn, indices: torch.Tensor, n: int, capacity: int, what: s
     if torch.equal(out, ref):
         return
     kept = torch.bincount(indices[out], minlength=n) if out.any() else torch.zeros(n, dtype=torch.long)
+    t, k = indices.shape
+    queue = indices.t().reshape(-1)
+    unflattened = ((F.one_hot(queue, n).cumsum(0) - 1).gather(1, queue[:, None]).squeeze(1) < capacity).reshape(t, k)
+    if k > 1 and torch.equal(out, unflattened) and not torch.equal(unflattened, ref):
+        raise CheckFailed(f"{what}: you queued choice-major but reshaped the flat result straight to [T, k]: the "
+                          "queue indices.t().reshape(-1) is ordered [k, T], so go back with .view(k, T).t()")
     if torch.equal(out, capacity_mask(indices, n, capacity + 1)) or int(kept.max()) > capacity:
         raise CheckFailed(f"{what}: an expert keeps {int(kept.max())} assignments but its capacity is {capacity} "
                           "(off by one?): with 0-based positions in the expert's queue, keep position < capacity")
@@ -271,3 +303,104 @@ def check_capacity_keep_mask(student_fn) -> None:
     _mask_case(student_fn, indices, 8, 20, "capacity >= T (nothing dropped)")
     indices = torch.zeros(6, 1, dtype=torch.long)
     _mask_case(student_fn, indices, 4, 3, "every token on expert 0 (experts 1-3 unused)")
+
+
+# --------------------------------------------------------------------------------------------
+# Exercise 2.4: expert capacity, C = ceil(cf * T * k / N)
+# --------------------------------------------------------------------------------------------
+def _reference_capacity(t: int, n: int, k: int, cf: float) -> int:
+    """What :meth:`SparseMoE.capacity` gives a layer of ``n`` experts, top-``k``, factor ``cf``, for ``t`` tokens."""
+    return SparseMoE(1, n, 1, k=k, capacity_factor=cf).capacity(t)
+
+
+def _capacity_variants(t: int, n: int, k: int, cf: float) -> dict[str, float]:
+    """The usual wrong answers (as numbers), to name the one a student wrote."""
+    x = cf * t * k / n
+    return {
+        "floor": math.floor(x),
+        "round": round(x),
+        "round_half_up": math.floor(x + 0.5),
+        "no_k": math.ceil(cf * t / n),
+        "no_cf": math.ceil(t * k / n),
+        "plus_one": int(x) + 1,
+        "ceil_early": k * math.ceil(cf * t / n),
+        "div_k": math.ceil(cf * t / (n * k)),
+        "swap": math.ceil(cf * n * k / t),
+        "no_ceil": x,
+    }
+
+
+_CAPACITY_HINTS = {
+    "floor": "you rounded DOWN (floor, int() or //): a capacity must round UP, C = ceil(cf * T * k / N), or even a "
+             "perfectly balanced batch would drop assignments",
+    "round": "you rounded to the NEAREST integer: a capacity must round UP (math.ceil), so 31.25 slots become 32",
+    "round_half_up": "you rounded to the nearest integer (floor(x + 0.5)): a capacity must round UP (math.ceil), "
+                     "so 31.25 slots become 32",
+    "no_k": "k is missing: each of the T tokens makes k assignments, so under perfect balance an expert receives "
+            "T * k / N of them",
+    "no_cf": "the capacity_factor is missing: it scales the balanced load, C = ceil(capacity_factor * T * k / N)",
+    "plus_one": "int(x) + 1 is not a ceiling: when cf * T * k / N is exactly a whole number (say 16.0) the "
+                "capacity is exactly that number; use math.ceil",
+    "ceil_early": "you rounded up before multiplying by k: round up once, at the end, ceil(cf * T * k / N)",
+    "div_k": "k multiplies, it does not divide: the T tokens make T * k assignments in all",
+    "swap": "T and N are swapped: the balanced load per expert is T * k / N (tokens times choices over experts)",
+    "no_ceil": "the capacity is a whole number of slots: round cf * T * k / N UP with math.ceil",
+}
+
+# (T, N, k, cf): factors that are exact in binary, so every correct way of writing the formula gives
+# the same float. Exact whole numbers, fractions below and above one half, and exact halves.
+_CAPACITY_CASES = [
+    (64, 8, 2, 1.0),      # 16 exactly
+    (10, 4, 1, 1.0),      # 2.5 -> 3
+    (100, 8, 2, 1.25),    # 31.25 -> 32
+    (7, 3, 2, 1.5),       # 7 exactly
+    (1, 8, 1, 0.5),       # 0.0625 -> 1: a single token still gets a slot
+    (33, 16, 4, 2.0),     # 16.5 -> 17
+    (1024, 64, 8, 1.25),  # 160 exactly
+    (64, 8, 2, 0.75),     # 12 exactly, a factor below 1
+    (5, 4, 4, 1.0),       # k = N: 5 exactly
+    (20, 8, 2, 1.5),      # 7.5 -> 8
+    (37, 6, 3, 1.0),      # 18.5 -> 19
+]
+
+
+def _capacity_value(out, what: str) -> float:
+    if torch.is_tensor(out):
+        expect(out.numel() == 1, f"{what}: return one number, got a tensor of shape {tuple(out.shape)}")
+        out = out.item()
+    expect(isinstance(out, numbers.Real) and not isinstance(out, bool),
+           f"{what}: return a number (an int), got {type(out).__name__}")
+    return float(out)
+
+
+@checker("Exercise 2.4: expert_capacity")
+def check_expert_capacity(student_fn) -> None:
+    """``expert_capacity(num_tokens, num_experts, k, capacity_factor) -> int`` = ``ceil(cf * T * k / N)``."""
+    answers = []
+    for t, n, k, cf in _CAPACITY_CASES:
+        what = f"expert_capacity(num_tokens={t}, num_experts={n}, k={k}, capacity_factor={cf})"
+        out = student_fn(t, n, k, cf)
+        answers.append((what, out, _capacity_value(out, what), _reference_capacity(t, n, k, cf)))
+    wrong = [(what, value, ref) for what, _, value, ref in answers if value != ref]
+    if wrong:
+        what, value, ref = wrong[0]
+        got = f"{what} = {value:g}, expected {ref}"
+        variants = [_capacity_variants(*case) for case in _CAPACITY_CASES]
+        for name in _CAPACITY_HINTS:  # the mistake that explains every answer (one case alone is ambiguous)
+            if all(math.isclose(v[name], a[2], rel_tol=1e-9) for v, a in zip(variants, answers)):
+                raise CheckFailed(f"{got}. {_CAPACITY_HINTS[name]}")
+        bad = next(i for i, a in enumerate(answers) if a[2] != a[3])
+        for name, v in variants[bad].items():
+            if v != answers[bad][3] and math.isclose(v, value, rel_tol=1e-9):
+                raise CheckFailed(f"{got}. {_CAPACITY_HINTS[name]}")
+        raise CheckFailed(f"{got}. Compute C = ceil(capacity_factor * num_tokens * k / num_experts) with math.ceil")
+    for what, out, _, _ in answers:
+        expect(isinstance(out, numbers.Integral) and not isinstance(out, bool),
+               f"{what} returned {out!r} ({type(out).__name__}); return a Python int (math.ceil returns one): a "
+               "capacity counts slots, and capacity_mask takes an int")
+    # Agreement with a real layer: the slots the package gives each expert of a SparseMoE.
+    layer = SparseMoE(8, 4, 8, k=2, capacity_factor=1.25)
+    for t in (1, 3, 64, 100):
+        got = _capacity_value(student_fn(t, 4, 2, 1.25), "SparseMoE layer")
+        expect(got == layer.capacity(t), f"SparseMoE(num_experts=4, k=2, capacity_factor=1.25).capacity({t}) is "
+                                         f"{layer.capacity(t)} slots per expert, you computed {got:g}")
