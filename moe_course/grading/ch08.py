@@ -92,6 +92,12 @@ def check_frequency_weighted_merge(merge_fn) -> None:
         if torch.allclose(out, torch.tensordot(f, w, dims=1), atol=1e-5):
             raise CheckFailed(f"the frequencies are not normalised: divide by sum_j f_j inside the group "
                               f"(the weights of a merge must sum to 1) {desc}")
+        if torch.allclose(out, torch.tensordot(f, w, dims=1) / w.shape[0], atol=1e-5):
+            raise CheckFailed(f"you divided by the number of experts n; divide by the total frequency sum_j f_j "
+                              f"so that the merge weights f_j / sum_j f_j sum to 1 {desc}")
+        if torch.allclose(out, torch.tensordot(torch.softmax(f, 0), w, dims=1), atol=1e-5):
+            raise CheckFailed(f"you took a softmax of the frequencies: the merge weights are proportional to the "
+                              f"frequencies themselves, f_j / sum_j f_j {desc}")
         raise CheckFailed(f"expected sum_j f_j W_j / sum_j f_j {desc}")
     w = torch.randn(3, 4, generator=g)
     out = merge_fn(w.clone(), torch.zeros(3))
