@@ -16,7 +16,7 @@ forward on rank ``r`` with its own tokens ``X_r``:
 
 So rank ``r``'s output equals ``SparseMoE(X_r)`` on the same weights, and the gradient of an
 expert's weights is the sum over all ranks' tokens routed to it (tests: 2 and 4 CPU processes).
-Both all-to-alls are differentiable (``torch.distributed.nn.functional.all_to_all_single``).
+Both all-to-alls are differentiable (torch's functional ``all_to_all_single_autograd``).
 Per step, :attr:`ExpertParallelMoE.last_comm` records the rows and bytes each exchange sent to
 *other* ranks: the quantity that compression changes (fewer active experts, capacity limits and a
 lower-precision ``payload_dtype`` all shrink it).
@@ -60,12 +60,16 @@ def shard_bounds(num_experts: int, world_size: int) -> list[tuple[int, int]]:
 
 
 def _all_to_all(x: torch.Tensor, send_counts: list[int], recv_counts: list[int], group) -> torch.Tensor:
-    """Differentiable uneven all-to-all of the rows of ``x``."""
-    from torch.distributed.nn.functional import all_to_all_single
+    """Differentiable uneven all-to-all of the rows of ``x`` (its backward is the reverse exchange)."""
+    group = group if group is not None else dist.group.WORLD
+    try:  # torch >= 2.3: the functional collective with autograd
+        from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
+    except ImportError:  # older torch: the autograd wrapper in torch.distributed.nn
+        from torch.distributed.nn.functional import all_to_all_single
 
-    out = x.new_empty((sum(recv_counts), *x.shape[1:]))
-    return all_to_all_single(out, x, output_split_sizes=recv_counts, input_split_sizes=send_counts,
-                             group=group if group is not None else dist.group.WORLD)
+        out = x.new_empty((sum(recv_counts), *x.shape[1:]))
+        return all_to_all_single(out, x, output_split_sizes=recv_counts, input_split_sizes=send_counts, group=group)
+    return wait_tensor(all_to_all_single_autograd(x.contiguous(), recv_counts, send_counts, group))
 
 
 class ExpertParallelMoE(MoELayer):
