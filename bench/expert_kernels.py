@@ -7,8 +7,8 @@ One MoE layer's experts at OLMoE-1B-7B's shapes (d_model 2048, expert width 1024
 experts, top-8) and at the course's Shakespeare model's (96, 64, 8 experts, top-2), for T = 1 and
 8 tokens (decode). Variants, all through ``moe_course.dispatch.dispatch(..., "auto")``: fp32
 weights; bf16 weights and activations; ``QuantizedExperts`` int8 per channel and 4-bit in groups of
-32, run by torch's weight-only kernels (bf16 activations) or, with fp32 activations, by
-dequantizing only the chosen experts. Rounds are interleaved
+32, run by torch's weight-only kernels with bf16 activations, and with fp32 activations by the
+teaching path (dequantize the whole stack, then a float matmul). Rounds are interleaved
 so machine noise hits every variant alike; we print the median and p10-p90 in ms and the speed-up
 over fp32. Small models are overhead-bound: read the OLMoE rows for what the kernels can do.
 """

@@ -184,7 +184,7 @@ def dispatch(
     resolved = resolve_strategy(strategy, x.device, indices.numel())
     # Experts stored in a packed format bring their own kernels (e.g. QuantizedExperts: torch's
     # weight-only int8/int4 matmuls), so "auto" and "loop" never dequantize all experts to run k.
-    kernel = getattr(experts, "kernel_forward", None)
-    if kernel is not None and (strategy == "auto" or resolved == "loop"):
-        return kernel(x, weights.to(x.dtype), indices, keep)
+    runs_kernels = getattr(experts, "runs_kernels", None)
+    if runs_kernels is not None and (strategy == "auto" or resolved == "loop") and runs_kernels(x):
+        return experts.kernel_forward(x, weights.to(x.dtype), indices, keep)
     return _IMPL[resolved](x, weights.to(x.dtype), indices, experts, keep)

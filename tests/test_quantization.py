@@ -197,8 +197,9 @@ def test_bad_arguments_raise_clear_errors():
                                                     (3, 32, "dequant"), (8, 32, "dequant")])
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
 def test_kernel_path_equals_dequantize_then_matmul(bits, group_size, kind, activation):
-    """dispatch 'auto' runs QuantizedExperts through torch's int8/int4 weight-only kernels: the same
-    function as dequantizing every expert and running the float loop (up to float rounding)."""
+    """With bf16 activations, dispatch 'auto' runs QuantizedExperts through torch's int8/int4 weight-only
+    kernels: the same function as dequantizing every expert and running the float loop, up to bf16
+    rounding; fp32 activations keep the dequantize-then-matmul path."""
     from moe_course.compress.quantization import QuantizedExperts
     from moe_course.dispatch import capacity_mask, dispatch
     from moe_course.layers import Experts

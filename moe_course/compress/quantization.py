@@ -229,10 +229,11 @@ class QuantizedExperts(_Packed, CompressedExperts):
     ``d_hidden`` and ``params_per_expert`` are the real (unpacked) sizes, so FLOPs and parameter
     counts are unchanged; :meth:`weights` returns the dequantized stacks, so every dispatch
     strategy, ``experts[i]`` and ``forward_all`` work as before (the teaching path: dequantize, then
-    a float matmul). Dispatch ``"auto"`` / ``"loop"`` call :meth:`kernel_forward` instead, which runs
-    only the chosen experts with torch's weight-only kernels straight from the codes (8-bit
-    per-channel: ``_weight_int8pack_mm``; 4-bit in groups: ``_weight_int4pack_mm_for_cpu``, the
-    kernels torchao uses on CPU), and dequantizes just the chosen experts for other formats.
+    a float matmul). For bf16 activations on the CPU, dispatch ``"auto"`` / ``"loop"`` call
+    :meth:`kernel_forward` instead, which runs only the chosen experts with torch's weight-only
+    kernels straight from the codes (8-bit per channel: ``_weight_int8pack_mm``; 4-bit in groups:
+    ``_weight_int4pack_mm_for_cpu``, the kernels torchao uses on CPU; other formats dequantize just
+    the chosen expert).
     """
 
     def __init__(self, experts: Experts, bits: int | Sequence[int], group_size: int | None = None,
@@ -306,11 +307,8 @@ class QuantizedExperts(_Packed, CompressedExperts):
         cache[key] = value
         return value
 
-    def _matmul(self, name: str, e: int, x: torch.Tensor, kernels: bool = True) -> torch.Tensor:
-        """``x @ W_name[e]`` straight from the packed weights (``kernels=False``: dequantize this expert)."""
-        if not kernels:
-            n, k = (self.d_model, self.d_hidden) if name == "out" else (self.d_hidden, self.d_model)
-            return x @ self._load(f"{name}{e}", self.bits[e], (n, k), x.dtype).t()
+    def _matmul(self, name: str, e: int, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W_name[e]`` straight from the packed weights."""
         kind, *parts = self._kernel_weights(name, e)
         if kind == "int8":
             w, s, shift = parts
@@ -320,15 +318,16 @@ class QuantizedExperts(_Packed, CompressedExperts):
             return torch._weight_int4pack_mm_for_cpu(x, packed, g, scales_zeros.to(x.dtype))
         return x @ parts[0].to(x.dtype).t()
 
+    def runs_kernels(self, x: torch.Tensor) -> bool:
+        """Whether :meth:`kernel_forward` serves ``x``: bf16 activations on the CPU. The kernels are built
+        for bf16; with fp32 activations they ran 20-30x slower than a float matmul here
+        (bench/expert_kernels.py), so fp32 inputs keep the dequantize-then-matmul path."""
+        return x.device.type == "cpu" and x.dtype == torch.bfloat16
+
     def kernel_forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
                        keep: torch.Tensor | None = None) -> torch.Tensor:
         """The per-expert loop of :mod:`moe_course.dispatch` with packed-weight kernels: only the experts
-        that tokens chose are touched, none is dequantized as a whole stack. Kernels run for bf16
-        activations on the CPU; for fp32 activations and on other devices each chosen expert is
-        dequantized on its own."""
-        # The kernels are built for bf16 activations (fp32 ones run 4-10x slower than a float matmul,
-        # measured by bench/expert_kernels.py): fp32 inputs dequantize just the chosen experts instead.
-        kernels = x.device.type == "cpu" and x.dtype == torch.bfloat16
+        that tokens chose are touched, and none is dequantized as a whole stack."""
         y = torch.zeros_like(x)
         tokens = torch.arange(x.shape[0], device=x.device).repeat_interleave(indices.shape[1])
         flat, gates = indices.reshape(-1), weights.reshape(-1)
@@ -339,9 +338,9 @@ class QuantizedExperts(_Packed, CompressedExperts):
             sel = flat == e
             rows = tokens[sel]
             xe = x[rows]
-            h = self._matmul("in", e, xe, kernels)
-            gate = self._matmul("gate", e, xe, kernels) if "gate" in self._names else None
-            out = self._matmul("out", e, self.act(h, gate), kernels)
+            h = self._matmul("in", e, xe)
+            gate = self._matmul("gate", e, xe) if "gate" in self._names else None
+            out = self._matmul("out", e, self.act(h, gate))
             y.index_add_(0, rows, out * gates[sel, None])
         return y
 
