@@ -8,7 +8,7 @@ model's forward pass, where a data-dependent check would synchronise the GPU on 
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -78,62 +78,6 @@ def router_kind(layers: list, action: str, allowed: tuple[str, ...]) -> None:
             else:
                 hint = f"MoE layer {i} has a {kind}"
             raise TypeError(f"model: {action} needs routers of type {' or '.join(allowed)}; {hint}")
-
-
-def _count_tokens(batch: Any) -> int:
-    if torch.is_tensor(batch):
-        return int(batch.numel())
-    if isinstance(batch, Mapping):
-        if "input_ids" in batch:
-            ids = torch.as_tensor(batch["input_ids"])
-            return int(ids[..., :-1].numel()) if ids.dim() == 2 else int(ids.numel())
-        for v in batch.values():
-            if torch.is_tensor(v):
-                return int(v.numel())
-    return 1  # unknown batch type: let the model judge it
-
-
-def calib_batches(calib: Any, batch_size: int = 64, name: str = "calib") -> list:
-    """The calibration data as a list of batches: not ``None``, not empty, every batch with at
-    least one token, float features finite and token ids non-negative."""
-    from .metrics import _iter_batches
-
-    if calib is None:
-        raise ValueError(f"{name}: expected calibration data (a training-split Dataset or batches), got None")
-    try:
-        batches = list(_iter_batches(calib, batch_size))
-    except (TypeError, ValueError) as err:
-        msg = str(err)
-        msg = msg[len("data: "):] if msg.startswith("data: ") else msg
-        raise type(err)(f"{name}: {msg}") from None
-    if not batches:
-        raise ValueError(f"{name}: the calibration data is empty; pass a few batches of the training split")
-    for j, b in enumerate(batches):
-        if _count_tokens(b) == 0:
-            shapes = ({k: tuple(torch.as_tensor(v).shape) for k, v in b.items()} if isinstance(b, Mapping)
-                      else tuple(getattr(b, "shape", ())))
-            raise ValueError(f"{name}: batch {j} has no tokens (shapes {shapes}); expected input_ids [B, T+1] "
-                             "with T >= 1, or x [B, ...] with B >= 1")
-        values = b.values() if isinstance(b, Mapping) else [b]
-        for v in values:
-            if torch.is_tensor(v):
-                finite(f"{name} (batch {j})", v)
-                if not v.is_floating_point() and v.dtype != torch.bool and v.numel() and int(v.min()) < 0:
-                    raise ValueError(f"{name}: batch {j} has negative token ids (min {int(v.min())}); "
-                                     "expected ids in [0, vocab_size)")
-    return batches
-
-
-def token_ids_in_vocab(model: nn.Module, batches: list, name: str = "calib") -> None:
-    """Token ids of ``batches`` must be below ``model.config.vocab_size`` (when the model has one)."""
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    if not isinstance(vocab, int):
-        return
-    for j, b in enumerate(batches):
-        ids = b.get("input_ids") if isinstance(b, Mapping) else b
-        if torch.is_tensor(ids) and not ids.is_floating_point() and ids.numel() and int(ids.max()) >= vocab:
-            raise ValueError(f"{name}: batch {j} has token id {int(ids.max())}; expected ids in "
-                             f"[0, vocab_size={vocab}) (tokenized with this model's tokenizer?)")
 
 
 def int_in(name: str, value: Any, lo: int | None = None, hi: int | None = None) -> int:

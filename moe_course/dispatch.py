@@ -19,13 +19,25 @@ for the assignments kept by the capacity mask (a dropped assignment contributes 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .layers import Experts
+
+@runtime_checkable
+class ExpertsLike(Protocol):
+    """What dispatch needs from :class:`moe_course.layers.Experts` (and its compressed forms)."""
+
+    num_experts: int
+    d_model: int
+    d_hidden: int
+
+    def weights(self, dtype: torch.dtype | None = None): ...
+
+    def act(self, h: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor: ...
+
+    def expert_forward(self, i: int, x: torch.Tensor) -> torch.Tensor: ...
 
 STRATEGIES = ("naive", "loop", "grouped")
 # Measured with bench/dispatch.py on 2 CPU cores: for large batches the per-expert loop is
@@ -146,7 +158,7 @@ def dispatch(
     x: torch.Tensor,
     weights: torch.Tensor,
     indices: torch.Tensor,
-    experts: "Experts",
+    experts: ExpertsLike,
     strategy: str = "auto",
     keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -162,9 +174,7 @@ def dispatch(
     Returns:
         ``[T, d_model]``, ``sum_j w_tj E_{i_tj}(x_t)`` over kept assignments.
     """
-    from .layers import Experts
-
-    if not isinstance(experts, Experts):
+    if not isinstance(experts, ExpertsLike):
         raise TypeError(f"experts: expected a moe_course.layers.Experts, got {type(experts).__name__}")
     # Shapes and dtypes only (free); ids in range and finite weights are not checked: that would
     # synchronise the GPU on every forward.

@@ -594,7 +594,7 @@ _FRONTIER_X = {"bytes": "true size (bytes, log scale)", "latency_ms": "measured 
 def plot_frontier(rows: Sequence[Mapping[str, Any]], x: str = "bytes", ax=None, title: str | None = None,
                   label_all: bool = False, zoom: bool = True) -> Figure:
     """Quality against ``x`` (``"bytes"`` or ``"latency_ms"``) for rows of
-    :func:`moe_course.compress.recipes.compression_table` (keys ``technique``, ``quality``,
+    :func:`moe_course.course_table.compression_table` (keys ``technique``, ``quality``,
     ``metric``, ``higher_is_better`` and ``x``). Every variant is a dot, the Pareto frontier
     (:func:`~moe_course.compress.recipes.pareto_frontier`) a line through the labelled
     non-dominated variants, the first row (the baseline) a star. ``zoom`` frames the quality axis

@@ -26,6 +26,8 @@ import pytest
 import torch
 import torch.nn as nn
 
+from moe_course import calib as CA
+from moe_course import course_table as CT
 from moe_course import data as D
 from moe_course import device as DEV
 from moe_course import dispatch as DI
@@ -350,8 +352,8 @@ row("MoETransformerLM.generate_text/no tokenizer", lambda m: m.generate_text("hi
 row("MoEClassifier.forward/shape", lambda m: m(torch.randn(2, 30)), VE, r"x: expected shape \[B, input_length=40\], got \(2, 30\)", CLF)
 row("MoEClassifier.compute_loss/keys", lambda m: m.compute_loss({"x": torch.randn(2, 40)}), KeyError,
     r"batch must have 'x' and 'y', got keys \['x'\]", CLF)
-row("preset/name", MO.preset, VE, r"preset name must be one of \('cpu', 'gpu', 'test', 'auto'\), got 'tiny'", "tiny")
-row("preset/model", MO.preset, VE, r"model must be one of \('shakespeare-moe', 'mnist1d-moe'\), got 'mnist'", "cpu", "mnist")
+row("preset/name", ZO.preset_configs, VE, r"preset name must be one of \('cpu', 'gpu', 'test', 'auto'\), got 'tiny'", "tiny")
+row("preset/model", ZO.preset_configs, VE, r"model must be one of \('shakespeare-moe', 'mnist1d-moe'\), got 'mnist'", "cpu", "mnist")
 row("model_from_config/dict", MO.model_from_config, TE, r"cfg must be an LMConfig or ClassifierConfig, got dict", {"d_model": 8})
 row("register_ffn/builtin name", MO.register_ffn, VE, r"name must be a new non-empty string \(not one of \('moe', 'soft', 'dense'\)\)",
     "moe", lambda cfg: None)
@@ -623,13 +625,13 @@ row("restrict_router/kept range", PR.restrict_router, VE, r"kept: expected disti
 row("restrict_router/kept duplicates", PR.restrict_router, VE, r"kept: expected distinct expert ids in \[0, 4\), got \[1, 1\]", _logits, [1, 1], 1)
 row("restrict_router/k=0", PR.restrict_router, VE, r"k: expected an integer in \[1, 4\], got 0", _logits, [0, 1], 0)
 row("restrict_router/logits 1-D", PR.restrict_router, VE, r"logits: expected shape \[T, num_experts\], got \(4,\)", torch.randn(4), [0, 1], 1)
-row("layer_inputs/calib None", PR.layer_inputs, VE, r"calib: expected calibration data \(a training-split Dataset or batches\), got None", LM, None)
-row("layer_inputs/calib empty", PR.layer_inputs, VE, r"calib: the calibration data is empty", LM, EMPTY_CAL)
-row("layer_inputs/calib no tokens", PR.layer_inputs, VE, r"calib: batch 0 has no tokens", LM, NO_TOKENS_CAL)
-row("layer_inputs/calib type", PR.layer_inputs, TE, r"calib: expected a datasets.Dataset, a tensor, a dict of tensors or an iterable", LM, 42)
-row("layer_inputs/calib oov", PR.layer_inputs, VE, r"calib: batch 0 has token id 16; expected ids in \[0, vocab_size=11\)", LM, OOV_CAL)
-row("layer_inputs/calib negative", PR.layer_inputs, VE, r"calib: batch 0 has negative token ids \(min -1\)", LM, NEG_CAL)
-row("layer_inputs/dense model", PR.layer_inputs, VE, r"model: MoETransformerLM has no MoE layers", DENSE, CAL)
+row("layer_inputs/calib None", CA.layer_inputs, VE, r"calib: expected calibration data \(a training-split Dataset or batches\), got None", LM, None)
+row("layer_inputs/calib empty", CA.layer_inputs, VE, r"calib: the calibration data is empty", LM, EMPTY_CAL)
+row("layer_inputs/calib no tokens", CA.layer_inputs, VE, r"calib: batch 0 has no tokens", LM, NO_TOKENS_CAL)
+row("layer_inputs/calib type", CA.layer_inputs, TE, r"calib: expected a datasets.Dataset, a tensor, a dict of tensors or an iterable", LM, 42)
+row("layer_inputs/calib oov", CA.layer_inputs, VE, r"calib: batch 0 has token id 16; expected ids in \[0, vocab_size=11\)", LM, OOV_CAL)
+row("layer_inputs/calib negative", CA.layer_inputs, VE, r"calib: batch 0 has negative token ids \(min -1\)", LM, NEG_CAL)
+row("layer_inputs/dense model", CA.layer_inputs, VE, r"model: MoETransformerLM has no MoE layers", DENSE, CAL)
 row("expert_frequencies/calib None", PR.expert_frequencies, VE, r"calib: expected calibration data", LM, None)
 row("expert_frequencies/nan calib", PR.expert_frequencies, VE, r"calib \(batch 0\): expected finite values, got 1 NaN", CLF, NAN_CCAL)
 row("naee_select/keep>E", PR.naee_select, VE, r"keep: expected an integer in \[2, 4\], got 5", LAYER, X16, 5)
@@ -955,10 +957,9 @@ if RC is not None:
     row("pareto_frontier/x", RC.pareto_frontier, TE, r"x, y: expected the names \(str\) of two keys", [], x=0)
     row("pareto_frontier/higher_is_better", RC.pareto_frontier, TE, r"higher_is_better: expected a bool, got 'yes'", [],
         higher_is_better="yes")
-    row("compression_table/model_name", RC.compression_table, VE, r"model_name: expected one of \('shakespeare-moe', 'mnist1d-moe'\), "
+    row("compression_table/model_name", CT.compression_table, VE, r"model_name: expected one of \('shakespeare-moe', 'mnist1d-moe'\), "
         r"got 'gpt2'", "gpt2")
-    row("plot_frontier(recipes)/empty", RC.plot_frontier, VE, r"rows: expected a non-empty list of dicts", [])
-    row("compression_table/quick", RC.compression_table, TE, r"quick: expected a bool, got 'yes'", "mnist1d-moe", quick="yes")
+    row("compression_table/quick", CT.compression_table, TE, r"quick: expected a bool, got 'yes'", "mnist1d-moe", quick="yes")
 
 
 def _nan_param(model: nn.Module, name: str) -> nn.Module:

@@ -109,11 +109,6 @@ def test_prune_experts_physically_shrinks(method):
     assert torch.allclose(new(CALIB), expect, atol=1e-5)
 
 
-def test_layer_inputs_shapes():
-    xs = P.layer_inputs(make_model(), CALIB)
-    assert [tuple(x.shape) for x in xs] == [(256, 16), (256, 16)]
-
-
 def test_frequency_keeps_busiest():
     model = make_model()
     freqs = P.expert_frequencies(model, CALIB)

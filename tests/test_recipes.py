@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from moe_course import metrics
+from moe_course import course_table as CT, metrics
+from moe_course.viz import plot_frontier
 from moe_course.compress import recipes as R
 from moe_course.compress.quantization import QuantizedExperts, QuantizedLinear, quantize
 from moe_course.compress.trimming import drop_layers
@@ -216,14 +217,14 @@ def test_pareto_edges():
 # ------------------------------------------------------------------------------- compression table
 def test_compression_table_rejects_unknown_model():
     with pytest.raises(ValueError, match="shakespeare-moe"):
-        R.compression_table("gpt-moe")
+        CT.compression_table("gpt-moe")
 
 
 def test_compression_table_quick_schema(tmp_path, single_thread):
-    rows = R.compression_table("mnist1d-moe", preset="test", cache_dir=tmp_path, quick=True)
+    rows = CT.compression_table("mnist1d-moe", preset="test", cache_dir=tmp_path, quick=True)
     assert len(rows) >= 5 and rows[0]["technique"].startswith("baseline")
     for r in rows:
-        assert set(r) == set(R.ROW_KEYS)
+        assert set(r) == set(CT.ROW_KEYS)
         assert isinstance(r["technique"], str) and isinstance(r["steps"], str)
         assert isinstance(r["bytes"], int) and r["bytes"] > 0
         assert r["ratio"] == pytest.approx(rows[0]["bytes"] / r["bytes"])
@@ -232,18 +233,18 @@ def test_compression_table_quick_schema(tmp_path, single_thread):
     assert rows[0]["ratio"] == 1.0
     by = {r["technique"]: r for r in rows}
     assert by["quantize experts"]["ratio"] > 2 and "->" in by["trim + quantize"]["steps"]
-    fig = R.plot_frontier(rows, x="latency_ms")
+    fig = plot_frontier(rows, x="latency_ms")
     assert fig.axes and fig.axes[0].get_xlabel().startswith("measured latency")
     with pytest.raises(ValueError, match="x"):
-        R.plot_frontier(rows, x="flops")
+        plot_frontier(rows, x="flops")
 
 
 def test_every_table_recipe_validates(setup):
     model, calib, _ = setup
-    recipes = R.table_recipes(model)
+    recipes = CT.table_recipes(model)
     names = [t for t, _ in recipes]
     assert names[0].startswith("baseline") and len(set(names)) == len(names)
-    assert {t for t, _ in R.table_recipes(model, quick=True)} < set(names)
+    assert {t for t, _ in CT.table_recipes(model, quick=True)} < set(names)
     for technique, steps in recipes:
         R._check_steps(steps, calib=calib, train_data=calib)      # raises on a bad name / keyword / order
     used = {s[0] for _, steps in recipes for s in steps}
@@ -266,7 +267,7 @@ def test_plot_frontier_draws_the_frontier_and_clips_outliers():
              "higher_is_better": False},
             {"technique": "bad", "bytes": 50, "quality": 50.0, "latency_ms": 9.0, "metric": "perplexity",
              "higher_is_better": False}]
-    fig = R.plot_frontier(rows, x="bytes")
+    fig = plot_frontier(rows, x="bytes")
     ax = fig.axes[0]
     step = ax.lines[0]
     assert list(step.get_xdata()) == [20.0, 100.0] and list(step.get_ydata()) == [5.1, 5.0]

@@ -38,8 +38,8 @@ import torch.nn as nn
 from moe_course import _validate
 from moe_course.layers import CompressedExperts, Experts, moe_layers, require_moe_layers
 
-__all__ = ["truncated_svd", "rank_for_energy", "LowRankExperts", "SharedExperts", "lowrank_experts",
-           "share_experts", "singular_values"]
+__all__ = ["truncated_svd", "rank_for_energy", "FactoredExperts", "LowRankExperts", "SharedExperts", "lowrank_experts",
+           "share_experts", "singular_values", "expert_matrices"]
 
 SHARE_MODES = ("all", "first_layer")
 
@@ -48,7 +48,8 @@ def _names(experts: Experts) -> tuple[str, ...]:
     return ("in", "gate", "out") if experts.w_gate is not None else ("in", "out")
 
 
-def _stacks(experts: Experts) -> dict[str, torch.Tensor]:
+def expert_matrices(experts: Experts) -> dict[str, torch.Tensor]:
+    """``{"in": w_in, "gate": w_gate or None, "out": w_out}``: the stacked matrices as float32."""
     w_in, w_gate, w_out = experts.weights(torch.float32)
     return {"in": w_in, "gate": w_gate, "out": w_out}
 
@@ -108,7 +109,7 @@ def singular_values(model: nn.Module) -> list[dict[str, torch.Tensor]]:
     layers = require_moe_layers(model, "factorize")
     out = []
     for layer in layers:
-        stacks = _stacks(layer.experts)
+        stacks = expert_matrices(layer.experts)
         out.append({n: torch.linalg.svdvals(stacks[n].detach().double()).float() for n in _names(layer.experts)})
     return out
 
@@ -121,7 +122,7 @@ def _check_energy(energy) -> None:
 # --------------------------------------------------------------------------------------------
 # factored experts
 # --------------------------------------------------------------------------------------------
-class _FactoredBase(CompressedExperts):
+class FactoredExperts(CompressedExperts):
     """Common sizes and forward passes of experts whose matrices are built from smaller tensors."""
 
     def _init_sizes(self, experts: Experts) -> None:
@@ -168,7 +169,7 @@ class _FactoredBase(CompressedExperts):
         return self.weights()[2]
 
 
-class LowRankExperts(_FactoredBase):
+class LowRankExperts(FactoredExperts):
     r"""Experts whose matrices are stored as factors ``W_name[i] = L_name[i] @ R_name[i]``.
 
     ``ranks``: one int (all matrices) or a dict ``{"in"|"gate"|"out": [r_0, ..., r_{E-1}]}`` (one rank
@@ -191,7 +192,7 @@ class LowRankExperts(_FactoredBase):
             raise ValueError(f"ranks: expected an int or a dict with keys {self._names}, got {got}")
         self.ranks = {n: [int(r) for r in ranks[n]] for n in self._names}
         with torch.no_grad():
-            stacks = _stacks(experts)
+            stacks = expert_matrices(experts)
             for name in self._names:
                 w = stacks[name].detach()
                 m, n = w.shape[1:]
@@ -222,7 +223,7 @@ class LowRankExperts(_FactoredBase):
         return f"{super().extra_repr()}, ranks={ranks}"
 
 
-class SharedExperts(_FactoredBase):
+class SharedExperts(FactoredExperts):
     r"""Weight sharing: ``W_name[i] = B_name + L_name[i] @ R_name[i]`` for the shared projections.
 
     ``B`` is the mean of the experts' trained matrices (stored once per layer), the deltas are the
@@ -240,7 +241,7 @@ class SharedExperts(_FactoredBase):
         self.rank = rank
         self.shared = tuple(n for n in self._names if n in shared)
         with torch.no_grad():
-            stacks = _stacks(experts)
+            stacks = expert_matrices(experts)
             for name in self._names:
                 w = stacks[name].detach()
                 if name not in self.shared:
@@ -303,7 +304,7 @@ def lowrank_experts(model: nn.Module, rank: int | None = None, energy: float | N
         if rank is not None:
             ranks = rank
         else:
-            sv = {n: torch.linalg.svdvals(w.detach().double()) for n, w in _stacks(ex).items() if w is not None}
+            sv = {n: torch.linalg.svdvals(w.detach().double()) for n, w in expert_matrices(ex).items() if w is not None}
             ranks = {n: [rank_for_energy(s[i], energy) for i in range(ex.num_experts)] for n, s in sv.items()}
         layer.experts = LowRankExperts(ex, ranks, init=init, generator=gen)
     return out

@@ -31,9 +31,9 @@ from scipy.cluster.hierarchy import cut_tree, linkage
 from scipy.optimize import linear_sum_assignment
 
 from .. import _validate
+from ..calib import layer_inputs
 from ..layers import Experts, RouterOutput, SparseMoE, TopKRouter, moe_layers, require_moe_layers
-from .lowrank import _FactoredBase, _stacks, truncated_svd
-from .pruning import _calib_batches, _layer_inputs
+from .lowrank import FactoredExperts, expert_matrices, truncated_svd
 
 __all__ = ["SIMILARITIES", "WEIGHTINGS", "match_neurons", "permute_expert", "align_experts",
            "frequency_weighted_merge", "expert_similarity", "MergedRouter", "merge_experts", "hc_smoe",
@@ -124,7 +124,7 @@ def align_experts(model: nn.Module, calib: Any = None, inplace: bool = False) ->
     layers = _check_layers(model, "align")
     refs = [0] * len(layers)
     if calib is not None:
-        xs = _layer_inputs(model, _calib_batches(calib))
+        xs = layer_inputs(model, calib)
         with torch.no_grad():
             refs = [int(_frequencies(layer, x).argmax()) for layer, x in zip(layers, xs)]
     model = model if inplace else copy.deepcopy(model)
@@ -274,7 +274,7 @@ def _merge_layer(layer, labels: list[int], freq: torch.Tensor, align: bool, weig
 def _prepare(model, calib, num_groups, action):
     layers = _check_layers(model, action)
     counts = _resolve_groups(num_groups, layers)
-    xs = _layer_inputs(model, _calib_batches(calib))
+    xs = layer_inputs(model, calib)
     return layers, counts, xs
 
 
@@ -350,14 +350,14 @@ def expert_stable_ranks(model: nn.Module, name: str = "in") -> list[torch.Tensor
         raise ValueError(f"name: expected one of ('in', 'gate', 'out'), got {name!r}")
     out = []
     for layer in layers:
-        w = _stacks(layer.experts)[name]
+        w = expert_matrices(layer.experts)[name]
         if w is None:
             raise ValueError(f"name: the experts have no '{name}' matrix")
         out.append(stable_rank(w))
     return out
 
 
-class LowRankSparseExperts(_FactoredBase):
+class LowRankSparseExperts(FactoredExperts):
     r"""Experts stored as ``W = L R + S``: a truncated SVD of rank ``rank`` plus a sparse residual.
 
     ``S`` keeps the ``keep_sparse`` fraction of largest-magnitude entries of ``W - L R`` per matrix,
@@ -372,7 +372,7 @@ class LowRankSparseExperts(_FactoredBase):
             raise ValueError(f"keep_sparse: expected a number in [0, 1), got {keep_sparse!r}")
         self.rank, self.keep_sparse = rank, float(keep_sparse)
         with torch.no_grad():
-            for name, w in _stacks(experts).items():
+            for name, w in expert_matrices(experts).items():
                 if name not in self._names:
                     continue
                 w = w.detach()

@@ -25,12 +25,12 @@ import torch
 import torch.nn as nn
 
 from .. import _validate
+from ..calib import layer_inputs
 from ..layers import Experts, RouterOutput, SparseMoE, TopKRouter, moe_layers, require_moe_layers
-from ..metrics import _forward, _iter_batches
 
 __all__ = [
     "magnitude_mask", "prune_magnitude", "csr_bytes", "sparsity_report",
-    "restrict_router", "layer_inputs", "expert_frequencies", "naee_select", "prune_experts",
+    "restrict_router", "expert_frequencies", "naee_select", "keep_experts", "prune_experts",
     "SkippingRouter", "skip_experts", "skip_fraction",
 ]
 
@@ -44,15 +44,6 @@ def _check_ratio(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:  # NaN fails too
         raise ValueError(f"{name}: expected a number in [0, 1), got {value!r}")
     return float(value)
-
-
-def _calib_batches(calib: Any, batch_size: int = 64) -> list:
-    """Calibration batches, checked: not None, not empty, tokens in every batch, finite features."""
-    return _validate.calib_batches(calib, batch_size)
-
-
-def _out(model: nn.Module, inplace: bool) -> nn.Module:
-    return model if inplace else copy.deepcopy(model)
 
 
 # -------------------------------------------------------------------------- magnitude pruning
@@ -87,7 +78,7 @@ def prune_magnitude(model: nn.Module, sparsity: float, scope: str = "global", in
     # Packed or factored experts expose w_in/w_out as computed tensors: zeroing them would change nothing.
     _validate.dense_experts(require_moe_layers(model, "prune"), "prune_magnitude")
     _validate.finite_model(model)
-    model = _out(model, inplace)
+    model = model if inplace else copy.deepcopy(model)
     layers = moe_layers(model)
     with torch.no_grad():
         if scope == "global":
@@ -164,37 +155,10 @@ def restrict_router(logits: torch.Tensor, kept, k: int, renormalize: bool = True
 
 
 @torch.no_grad()
-def _layer_inputs(model: nn.Module, batches: list) -> list[torch.Tensor]:
-    """Input tokens ``[T, d]`` of every MoE layer on the calibration batches (original model)."""
-    layers = moe_layers(model)
-    _validate.token_ids_in_vocab(model, batches)
-    store = [[] for _ in layers]
-    hooks = [layer.register_forward_pre_hook(lambda m, a, i=i: store[i].append(a[0].reshape(-1, a[0].shape[-1])))
-             for i, layer in enumerate(layers)]
-    training = model.training
-    model.eval()
-    try:
-        device = next(model.parameters()).device
-        for b in batches:
-            _forward(model, {k: torch.as_tensor(v).to(device) for k, v in b.items()} if isinstance(b, dict) else b.to(device))
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(training)
-    return [torch.cat(s) for s in store]
-
-
-def layer_inputs(model: nn.Module, calib: Any) -> list[torch.Tensor]:
-    """Per MoE layer of ``model``, its input tokens ``[T, d_model]`` on the calibration data."""
-    require_moe_layers(model, "prune")
-    return _layer_inputs(model, _calib_batches(calib))
-
-
-@torch.no_grad()
 def expert_frequencies(model: nn.Module, calib: Any) -> list[torch.Tensor]:
     """Per MoE layer, the fraction of top-k assignments each expert receives on ``calib``."""
     layers = require_moe_layers(model, "prune")
-    xs = _layer_inputs(model, _calib_batches(calib))
+    xs = layer_inputs(model, calib)
     out = []
     for layer, x in zip(layers, xs):
         idx = layer.router(x).indices
@@ -254,7 +218,7 @@ def _resolve_keep(keep: Any, layer) -> int:
     return n
 
 
-def _shrink(layer, kept: list[int]) -> None:
+def keep_experts(layer, kept: list[int]) -> None:
     """Replace ``layer.experts`` and the router rows by the kept experts only (physical removal)."""
     idx = torch.tensor(kept, dtype=torch.long, device=layer.experts.w_in.device)
     old = layer.experts
@@ -295,9 +259,8 @@ def prune_experts(model: nn.Module, calib: Any, keep, method: str = "frequency",
     _validate.dense_experts(layers, "prune_experts")
     _validate.router_kind(layers, "prune_experts", ("TopKRouter", "SkippingRouter"))
     _validate.finite_model(model)
-    batches = _calib_batches(calib)
-    xs = _layer_inputs(model, batches)
-    model = _out(model, inplace)
+    xs = layer_inputs(model, calib)
+    model = model if inplace else copy.deepcopy(model)
     with torch.no_grad():
         for layer, x in zip(moe_layers(model), xs):
             n = _resolve_keep(keep, layer)
@@ -306,7 +269,7 @@ def prune_experts(model: nn.Module, calib: Any, keep, method: str = "frequency",
                 kept = sorted(freq.argsort(descending=True, stable=True)[:n].tolist())
             else:
                 kept, _ = naee_select(layer, x, n, max_subsets)
-            _shrink(layer, kept)
+            keep_experts(layer, kept)
     return model
 
 
@@ -357,8 +320,8 @@ def skip_experts(model: nn.Module, calib: Any, inplace: bool = False, quantile: 
                              "(the capacity mask would replace the skip mask)")
     _validate.router_kind(layers, "skip_experts", ("TopKRouter",))
     _validate.finite_model(model)
-    xs = _layer_inputs(model, _calib_batches(calib))
-    model = _out(model, inplace)
+    xs = layer_inputs(model, calib)
+    model = model if inplace else copy.deepcopy(model)
     for layer, x in zip(moe_layers(model), xs):
         w = layer.router(x).weights
         beta = torch.quantile((w[:, 1] / w[:, 0]).float(), quantile)

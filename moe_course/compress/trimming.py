@@ -15,6 +15,7 @@ Every function returns a new model (deep copy) unless ``inplace=True``.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -22,9 +23,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import _validate
+from ..calib import calib_batches, layer_inputs, run
 from ..layers import MoELayer, SparseMoE, moe_layers, require_moe_layers
-from ..metrics import _forward
-from .pruning import _calib_batches, _layer_inputs, _out, _shrink
+from .pruning import keep_experts
 
 __all__ = ["residual_similarity", "block_similarity", "best_contiguous_run", "expert_scores", "drop_experts",
            "layer_similarities", "Skipped", "drop_layers", "block_hidden_states", "drop_blocks"]
@@ -77,37 +78,13 @@ def _check_n(n: Any, total: int, what: str) -> int:
     return n
 
 
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-@torch.no_grad()
-def _run(model: nn.Module, batches: list) -> None:
-    _validate.token_ids_in_vocab(model, batches)
-    dev = _device(model)
-    for b in batches:
-        _forward(model, {k: torch.as_tensor(v).to(dev) for k, v in b.items()} if isinstance(b, dict) else b.to(dev))
-
-
-def _run_hooked(model: nn.Module, batches: list, hooks: list) -> None:
-    """Run ``batches`` in eval mode, then remove ``hooks`` and restore the mode, even on error."""
-    training = model.training
-    model.eval()
-    try:
-        _run(model, batches)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(training)
-
-
 # -------------------------------------------------------------------------------- expert drop
 @torch.no_grad()
 def expert_scores(model: nn.Module, calib: Any) -> list[torch.Tensor]:
     """Per MoE layer, the mean full-softmax router probability of each expert on ``calib``
     (the ``mean_prob`` of :func:`moe_course.metrics.routing_stats`)."""
     layers = require_moe_layers(model, "trim")
-    xs = _layer_inputs(model, _calib_batches(calib))
+    xs = layer_inputs(model, calib)
     return [torch.softmax(layer.router(x).logits.float(), -1).mean(0) for layer, x in zip(layers, xs)]
 
 
@@ -151,10 +128,10 @@ def drop_experts(model: nn.Module, calib: Any, keep, scope: str = "layer", inpla
         for _, l, e in rest[:n - sum(len(k) for k in kept)]:
             kept[l].append(e)
         kept = [sorted(k) for k in kept]
-    model = _out(model, inplace)
+    model = model if inplace else copy.deepcopy(model)
     for layer, ids in zip(moe_layers(model), kept):
         if len(ids) < layer.num_experts:
-            _shrink(layer, ids)
+            keep_experts(layer, ids)
     return model
 
 
@@ -188,7 +165,7 @@ def layer_similarities(model: nn.Module, calib: Any) -> dict[int, float]:
     """``{block index: mean_t cos(h_t, h_t + MoE(Norm(h_t)))}`` for every block with an MoE ``ffn``;
     ``h`` is the residual stream entering the block's FFN norm."""
     require_moe_layers(model, "trim")
-    batches = _calib_batches(calib)
+    batches = calib_batches(calib, model)
     idx = _moe_blocks(model)
     hs = {i: [] for i in idx}
     outs = {i: [] for i in idx}
@@ -197,7 +174,7 @@ def layer_similarities(model: nn.Module, calib: Any) -> dict[int, float]:
         b = model.blocks[i]
         hooks.append(b.ln_ffn.register_forward_pre_hook(lambda m, a, i=i: hs[i].append(a[0].reshape(-1, a[0].shape[-1]))))
         hooks.append(b.ffn.register_forward_hook(lambda m, a, o, i=i: outs[i].append(o.reshape(-1, o.shape[-1]))))
-    _run_hooked(model, batches, hooks)
+    run(model, batches, hooks)
     return {i: residual_similarity(torch.cat(hs[i]), torch.cat(outs[i])) for i in idx}
 
 
@@ -210,7 +187,7 @@ def drop_layers(model: nn.Module, calib: Any, n: int, inplace: bool = False) -> 
     n = _check_n(n, len(idx), "MoE layers")
     sims = layer_similarities(model, calib)
     drop = sorted(sorted(sims, key=lambda i: -sims[i])[:n])
-    model = _out(model, inplace)
+    model = model if inplace else copy.deepcopy(model)
     for i in drop:
         model.blocks[i].ffn = Skipped(i)
         model.blocks[i].ln_ffn = nn.Identity()
@@ -225,13 +202,13 @@ def block_hidden_states(model: nn.Module, calib: Any) -> list[torch.Tensor]:
     output of the last one."""
     if not isinstance(getattr(model, "blocks", None), nn.ModuleList) or not len(model.blocks):
         raise TypeError("model: expected a model with .blocks (MoETransformerLM / MoEClassifier)")
-    batches = _calib_batches(calib)
+    batches = calib_batches(calib, model)
     blocks = model.blocks
     store = [[] for _ in range(len(blocks) + 1)]
     hooks = [b.register_forward_pre_hook(lambda m, a, i=i: store[i].append(a[0].reshape(-1, a[0].shape[-1])))
              for i, b in enumerate(blocks)]
     hooks.append(blocks[-1].register_forward_hook(lambda m, a, o: store[-1].append(o.reshape(-1, o.shape[-1]))))
-    _run_hooked(model, batches, hooks)
+    run(model, batches, hooks)
     return [torch.cat(s) for s in store]
 
 
@@ -255,7 +232,7 @@ def drop_blocks(model: nn.Module, calib: Any, n: int, contiguous: bool = False, 
     else:
         sims = [block_similarity(hidden[b], hidden[b + 1]) for b in range(len(model.blocks))]
         drop = sorted(sorted(range(len(sims)), key=lambda b: -sims[b])[:n])
-    model = _out(model, inplace)
+    model = model if inplace else copy.deepcopy(model)
     model.blocks = nn.ModuleList([b for i, b in enumerate(model.blocks) if i not in drop])
     model.dropped_blocks = drop
     return model
