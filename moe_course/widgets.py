@@ -149,11 +149,11 @@ def plot_grid(grid: Sequence[Mapping[str, Any]], metric: str = "quality", higher
     import matplotlib.pyplot as plt
 
     from moe_course.compress.recipes import pareto_frontier
-    from moe_course.viz import COURSE_STYLE, PALETTE, _axes
+    from moe_course.viz import COURSE_STYLE, PALETTE, figure_and_axes
 
     grid = _check_grid(grid)
     with plt.rc_context(COURSE_STYLE):
-        fig, ax = _axes(ax, (6.4, 4.2))
+        fig, ax = figure_and_axes(ax, (6.4, 4.2))
         bits = sorted({r["expert_bits"] for r in grid}, reverse=True)
         for i, b in enumerate(bits):
             for n in sorted({r["drop_layers"] for r in grid}):
