@@ -90,3 +90,36 @@ def int_in(name: str, value: Any, lo: int | None = None, hi: int | None = None) 
         hi_s = "inf" if hi is None else hi
         raise ValueError(f"{name}: expected an integer in [{lo_s}, {hi_s}], got {value!r}")
     return value
+
+
+def keep_count(keep: Any, total: int, lo: int = 1, what: str = "experts per layer", bounds: str | None = None,
+               name: str = "keep") -> int:
+    """The size target ``keep`` of a compression function as a count in ``[lo, total]``.
+
+    One meaning for every technique: an int is the number of units kept, a float in (0, 1] the
+    fraction of ``total`` kept (rounded). ``bounds`` describes ``[lo, total]`` in the message
+    (default ``"between {lo} and {total}"``).
+    """
+    bounds = bounds or f"between {lo} and {total}"
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
+        raise ValueError(f"{name}: expected an int number of {what} or a fraction in (0, 1], got {keep!r}")
+    if isinstance(keep, float) and not 0 < keep <= 1:  # NaN fails too
+        raise ValueError(f"{name}: a fraction must be in (0, 1], got {keep!r}")
+    n = keep if isinstance(keep, int) else round(keep * total)
+    if not lo <= n <= total:
+        got = f"{keep!r}" if isinstance(keep, int) else f"{keep!r} -> {n}"
+        raise ValueError(f"{name}: expected {bounds} {what}, got {got}")
+    return n
+
+
+def keep_per_layer(keep: Any, layers: list, what: str = "experts per layer") -> list[int]:
+    """``keep`` experts for each MoE layer: one value for all (:func:`keep_count` of each layer's
+    experts, at least its ``k``) or a list with one value per layer."""
+    if isinstance(keep, (list, tuple)):
+        if len(keep) != len(layers):
+            raise ValueError(f"keep: expected one value per MoE layer ({len(layers)}), got {len(keep)}")
+        values, names = list(keep), [f"keep[{i}]" for i in range(len(layers))]
+    else:
+        values, names = [keep] * len(layers), ["keep"] * len(layers)
+    return [keep_count(v, layer.num_experts, layer.k, what, f"between k={layer.k} and num_experts={layer.num_experts}", n)
+            for v, layer, n in zip(values, layers, names)]

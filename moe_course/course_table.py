@@ -49,14 +49,14 @@ def table_recipes(model: nn.Module, quick: bool = False) -> list[tuple[str, list
     rest4 = ("quantize_rest", {"bits": 4, "group_size": g, "embedding_bits": 8})
     L = len(layers)
     # one MoE layer dropped (a model with a single MoE layer trims experts instead)
-    trim = ("drop_layers", {"n": 1}) if L > 1 else ("drop_experts", {"keep": keep})
+    trim = ("drop_layers", {"keep": L - 1}) if L > 1 else ("drop_experts", {"keep": keep})
     recipes = [
         ("baseline (fp32)", []),
         ("quantize experts", [q(4)]),
         ("quantize everything", [q(4), rest4]),
         ("expert drop", [("drop_experts", {"keep": keep})]),
         *([("layer drop", [trim])] if L > 1 else []),
-        ("merge (M-SMoE)", [("merge", {"num_groups": keep})]),
+        ("merge (M-SMoE)", [("merge", {"keep": keep})]),
         ("trim + quantize", [trim, q(3), rest4]),
     ]
     if quick:
@@ -64,16 +64,16 @@ def table_recipes(model: nn.Module, quick: bool = False) -> list[tuple[str, list
     recipes[3:3] = [("quantize experts 3-bit", [q(3)]), ("quantize experts 2-bit", [q(2)])]
     recipes += [
         ("prune (NAEE)", [("prune", {"keep": keep, "method": "naee"})]),
-        *([("block drop", [("drop_blocks", {"n": 1})])] if L > 1 else []),
-        ("merge (HC-SMoE)", [("hc_smoe", {"num_groups": keep})]),
-        ("MC-SMoE", [("mc_smoe", {"num_groups": keep, "rank": rank, "keep_sparse": 0.1})]),
-        ("low-rank (SVD)", [("lowrank", {"rank": rank})]),
-        ("weight sharing", [("share", {"rank": rank // 2})]),
+        *([("block drop", [("drop_blocks", {"keep": len(model.blocks) - 1})])] if L > 1 else []),
+        ("merge (HC-SMoE)", [("hc_smoe", {"keep": keep})]),
+        ("MC-SMoE", [("mc_smoe", {"keep": keep, "rank": rank, "keep_sparse": 0.1})]),
+        ("low-rank (SVD)", [("lowrank", {"keep": rank})]),
+        ("weight sharing", [("share", {"keep": rank // 2})]),
         ("3-bit experts, 8-bit rest", [q(3), rest]),
         ("3-bit experts, 4-bit rest", [q(3), rest4]),
         ("2-bit experts, 8-bit rest", [q(2), rest]),
         ("NAEE + quantize", [("prune", {"keep": keep, "method": "naee"}), q(4), rest4]),
-        ("merge + quantize", [("merge", {"num_groups": keep}), q(4), rest4]),
+        ("merge + quantize", [("merge", {"keep": keep}), q(4), rest4]),
         ("trim + quantize, 8-bit rest", [trim, q(3), rest]),
         ("trim + quantize + KD", [trim, ("distill", {"steps": 40, "batch_size": 16}), q(3), rest4]),
     ]

@@ -131,6 +131,18 @@ def test_package_imports_no_test_tooling():
     assert not bad, "\n".join(bad)
 
 
+def test_no_module_imports_another_modules_private_names():
+    # ``_validate`` is the package's own checks module: private to the package, shared inside it
+    bad = []
+    for module, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("moe_course")):
+                bad += [f"{module} imports {alias.name} from {node.module or '.'} at line {node.lineno}"
+                        for alias in node.names
+                        if alias.name.startswith("_") and alias.name not in ("_validate", "__version__")]
+    assert not bad, "private helpers belong to their module; make them public or move them:\n" + "\n".join(bad)
+
+
 def test_package_docstring_lists_the_levels():
     doc = moe_course.__doc__
     for names in LEVELS:

@@ -17,9 +17,6 @@ and knowledge-distillation recovery. This module makes such chains one call and 
   latency, better quality).
   :func:`moe_course.viz.plot_frontier` draws it; :mod:`moe_course.course_table` uses both for the
   course's table of every technique on the zoo models.
-* :func:`quantize_rest`: the non-expert part (attention / convolution projections, embeddings,
-  head) at its own bit width, so experts and the rest can get different precisions (MoQE,
-  Kim et al. 2023; Mixtral-offloading, Eliseev & Mazur 2023: experts tolerate fewer bits).
 """
 
 from __future__ import annotations
@@ -35,61 +32,15 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from moe_course import _validate
-from moe_course.layers import moe_layers, require_moe_layers
+from moe_course.compress import lowrank, merging, pruning, quantization, trimming
+from moe_course.compress.distillation import train_student
+from moe_course.metrics import format_bytes, latency, size_report
+from moe_course.train import TrainConfig
 
 __all__ = [
-    "STEPS", "pipeline", "PipelineResult", "pareto_frontier", "quantize_rest", "describe_step",
+    "STEPS", "pipeline", "PipelineResult", "pareto_frontier", "describe_step",
 ]
 
-
-
-# --------------------------------------------------------------------------------------------
-# the non-expert part at its own precision
-# --------------------------------------------------------------------------------------------
-def _divides(g: int | None, n: int) -> bool:
-    return g is None or n % g == 0
-
-
-def quantize_rest(model: nn.Module, bits: int = 8, group_size: int | None = 32, embedding_bits: int | None = None,
-                  inplace: bool = False) -> nn.Module:
-    """Quantize every ``nn.Linear`` outside the MoE layers and every ``nn.Embedding`` (RTN, packed).
-
-    Routed experts and routers are left as they are (quantize experts with
-    :func:`moe_course.compress.quantization.quantize`; routers stay fp32, their top-k flips
-    easily). A layer whose input width is not a multiple of ``group_size`` gets one scale per row.
-
-    Args:
-        bits: bits of the linear layers (one of ``SUPPORTED_BITS``).
-        group_size: elements per scale, or ``None`` for one per row.
-        embedding_bits: bits of the embedding tables (default ``bits``); with a tied LM head the
-            token embedding is also the output layer, often the most sensitive matrix.
-    """
-    from moe_course.compress.quantization import QuantizedEmbedding, QuantizedLinear, _check_bits
-
-    _check_bits(bits, "bits")
-    embedding_bits = bits if embedding_bits is None else embedding_bits
-    _check_bits(embedding_bits, "embedding_bits")
-    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1):
-        raise ValueError(f"group_size: expected None or a positive int, got {group_size!r}")
-    require_moe_layers(model, "quantize")
-    # Checked up front: a NaN found half-way would leave an in-place model half quantized.
-    _validate.finite_model(model)
-    out = model if inplace else copy.deepcopy(model)
-    skip = {id(m) for layer in moe_layers(out) for m in layer.modules()}
-    for parent in list(out.modules()):
-        if id(parent) in skip:
-            continue
-        for name, child in list(parent.named_children()):
-            if id(child) in skip:
-                continue
-            if type(child) is nn.Linear:
-                g = group_size if _divides(group_size, child.in_features) else None
-                setattr(parent, name, QuantizedLinear(child, bits, g))
-            elif type(child) is nn.Embedding:
-                g = group_size if _divides(group_size, child.embedding_dim) else None
-                setattr(parent, name, QuantizedEmbedding(child, embedding_bits, g))
-    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -98,7 +49,7 @@ def quantize_rest(model: nn.Module, bits: int = 8, group_size: int | None = 32, 
 @dataclass(frozen=True)
 class _Step:
     fn: Callable[..., nn.Module]
-    calib: bool              # the function takes calibration data as its second argument
+    calib: bool              # the function needs calibration data (its calib= keyword)
     rewrites_experts: bool   # needs plain (uncompressed) experts
     compresses_experts: bool  # leaves experts in a compressed form (packed, factored)
     label: Callable[[dict], str]
@@ -113,23 +64,14 @@ def _distill_step(model: nn.Module, *, teacher: nn.Module, data: Any, steps: int
                   batch_size: int = 32, temperature: float = 2.0, alpha: float = 0.5, seed: int = 0) -> nn.Module:
     """Knowledge-distillation recovery: train ``model`` (in place) towards ``teacher`` (MC-SMoE's
     recovery step, Li et al. 2024; Hinton et al. 2015's loss, :func:`moe_course.compress.distillation.kd_loss`)."""
-    from moe_course.compress.distillation import distill
-    from moe_course.train import TrainConfig
-
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("distill: the model has no trainable parameters left to recover")
     cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=max(1, steps // 10),
                       eval_every=0, eval_batches=1, seed=seed)
-    was = model.training
-    distill(teacher, model, data, cfg=cfg, temperature=temperature, alpha=alpha, progress=False)
-    model.train(was)
-    model.eval()
-    return model
+    return train_student(model, teacher, data, cfg=cfg, temperature=temperature, alpha=alpha, progress=False).eval()
 
 
 def _registry() -> dict[str, _Step]:
-    from moe_course.compress import lowrank, merging, pruning, quantization, trimming
-
     def q_label(k):
         s = f"quantize({k.get('bits')} bit"
         if k.get("targets") == "all":
@@ -141,34 +83,34 @@ def _registry() -> dict[str, _Step]:
                        lambda k: f"prune({k.get('method', 'frequency')}, keep {_fmt(k.get('keep'))})",
                        "expert pruning by frequency or NAEE reconstruction (Lu et al. 2024)"),
         "prune_magnitude": _Step(pruning.prune_magnitude, False, True, False,
-                                 lambda k: f"prune_magnitude({_fmt(k.get('sparsity'))})",
+                                 lambda k: f"prune_magnitude(keep {_fmt(k.get('keep'))})",
                                  "unstructured magnitude pruning (zeros, no bytes saved when stored dense)"),
         "skip": _Step(pruning.skip_experts, True, True, False, lambda k: "skip(dynamic)",
                       "dynamic expert skipping (NAEE, Lu et al. 2024)"),
         "drop_experts": _Step(trimming.drop_experts, True, True, False,
                               lambda k: f"drop_experts(keep {_fmt(k.get('keep'))})",
                               "expert drop by mean router probability (He et al. 2024)"),
-        "drop_layers": _Step(trimming.drop_layers, True, False, False, lambda k: f"drop_layers({k.get('n')})",
+        "drop_layers": _Step(trimming.drop_layers, True, False, False, lambda k: f"drop_layers(keep {_fmt(k.get('keep'))})",
                              "MoE layer drop by residual similarity (He et al. 2024)"),
-        "drop_blocks": _Step(trimming.drop_blocks, True, False, False, lambda k: f"drop_blocks({k.get('n')})",
+        "drop_blocks": _Step(trimming.drop_blocks, True, False, False, lambda k: f"drop_blocks(keep {_fmt(k.get('keep'))})",
                              "block drop by hidden-state similarity (He et al. 2024)"),
         "merge": _Step(merging.merge_experts, True, True, False,
-                       lambda k: f"merge(->{_fmt(k.get('num_groups'))})", "M-SMoE merging (Li et al. 2024)"),
+                       lambda k: f"merge(->{_fmt(k.get('keep'))})", "M-SMoE merging (Li et al. 2024)"),
         "hc_smoe": _Step(merging.hc_smoe, True, True, False,
-                         lambda k: f"hc_smoe(->{_fmt(k.get('num_groups'))})",
+                         lambda k: f"hc_smoe(->{_fmt(k.get('keep'))})",
                          "hierarchical-clustering merging (Chen et al. 2025)"),
         "mc_smoe": _Step(merging.mc_smoe, True, True, True,
-                         lambda k: f"mc_smoe(->{_fmt(k.get('num_groups'))}, r{k.get('rank')}, "
+                         lambda k: f"mc_smoe(->{_fmt(k.get('keep'))}, r{k.get('rank')}, "
                                    f"{_fmt(k.get('keep_sparse'))} sparse)",
                          "merge, then low-rank + sparse (MC-SMoE, Li et al. 2024)"),
         "lowrank": _Step(lowrank.lowrank_experts, False, True, True,
-                         lambda k: f"lowrank({'r' + str(k['rank']) if k.get('rank') else 'energy ' + _fmt(k.get('energy'))})",
+                         lambda k: f"lowrank({'energy ' if isinstance(k.get('keep'), float) else 'r'}{_fmt(k.get('keep'))})",
                          "truncated SVD of the trained experts (Eckart-Young)"),
-        "share": _Step(lowrank.share_experts, False, True, True, lambda k: f"share(r{k.get('rank')})",
+        "share": _Step(lowrank.share_experts, False, True, True, lambda k: f"share(r{k.get('keep')})",
                        "shared base + low-rank deltas"),
         "quantize": _Step(quantization.quantize, False, True, True, q_label,
                           "RTN weight-only quantization with packed storage (MoQE, Kim et al. 2023)"),
-        "quantize_rest": _Step(quantize_rest, False, False, False,
+        "quantize_rest": _Step(quantization.quantize_rest, False, False, False,
                                lambda k: f"quantize_rest({k.get('bits', 8)} bit"
                                          + (f", emb {k['embedding_bits']} bit" if k.get("embedding_bits") else "") + ")",
                                "attention / embeddings / head at their own bit width"),
@@ -231,8 +173,6 @@ def _check_steps(steps: Any, calib: Any, train_data: Any) -> list[tuple[str, Any
             raise ValueError(f"{where} ({name}): unexpected keyword(s) {bad}; allowed: {sorted(allowed)}")
         missing = [k for k, p in params.items() if p.default is p.empty and k not in _PIPELINE_OWNED
                    and k not in kwargs and k != "data"]
-        if name == "lowrank" and "rank" not in kwargs and "energy" not in kwargs:
-            missing.append("rank or energy")
         if missing:
             raise ValueError(f"{where} ({name}): missing required keyword(s) {missing}")
         if spec.calib and calib is None:
@@ -244,15 +184,15 @@ def _check_steps(steps: Any, calib: Any, train_data: Any) -> list[tuple[str, Any
                              f"compressed form; put {name!r} before it")
         for key in ("bits", "other_bits", "embedding_bits"):
             v = kwargs.get(key)
-            if isinstance(v, int) and not isinstance(v, bool):
-                from moe_course.compress.quantization import SUPPORTED_BITS
-                if v not in SUPPORTED_BITS:
-                    raise ValueError(f"{where} ({name}): {key} must be one of {SUPPORTED_BITS}, got {v!r}")
-        for key in ("n", "rank", "num_groups", "steps"):
+            if isinstance(v, int) and not isinstance(v, bool) and v not in quantization.SUPPORTED_BITS:
+                raise ValueError(f"{where} ({name}): {key} must be one of {quantization.SUPPORTED_BITS}, got {v!r}")
+        for key in ("keep", "rank", "steps"):
             v = kwargs.get(key)
-            lowest = 0 if key == "n" or (key == "rank" and name == "share") else 1
-            if key in kwargs and isinstance(v, (int, float)) and not isinstance(v, bool) and v < lowest:
+            lowest = 0 if key == "keep" and name == "share" else 1
+            if isinstance(v, int) and not isinstance(v, bool) and v < lowest:
                 raise ValueError(f"{where} ({name}): {key} must be >= {lowest}, got {v!r}")
+            if isinstance(v, float) and not 0 < v <= 1:
+                raise ValueError(f"{where} ({name}): {key} as a fraction must be in (0, 1], got {v!r}")
         if spec.compresses_experts and compressed_by is None:
             compressed_by = f"steps[{i}] ({name})"
         out.append((name, spec, kwargs))
@@ -297,8 +237,6 @@ class PipelineResult:
         return "\n".join(lines)
 
     def __repr__(self) -> str:
-        from moe_course.metrics import format_bytes
-
         out = [f"PipelineResult: {self.rows[0]['bytes']:,} -> {self.rows[-1]['bytes']:,} bytes "
                f"({self.ratio:.2f}x smaller)"]
         for r in self.rows:
@@ -321,9 +259,9 @@ def _quality(evaluate: Callable | None, model: nn.Module) -> float | None:
     return float(v)
 
 
-def pipeline(model: nn.Module, steps: Sequence[Any], calib: Any = None, evaluate: Callable | None = None,
-             inplace: bool = False, *, train_data: Any = None, latency_batch: Any = None,
-             latency_repeats: int = 5) -> PipelineResult:
+def pipeline(model: nn.Module, steps: Sequence[Any], *, calib: Any = None, evaluate: Callable | None = None,
+             train_data: Any = None, latency_batch: Any = None, latency_repeats: int = 5,
+             inplace: bool = False) -> PipelineResult:
     """Run compression steps one after another and measure every stage.
 
     Hybrid pipelines as in MC-SMoE (Li et al., 2024: merge, then low-rank + sparse, then KD
@@ -332,7 +270,7 @@ def pipeline(model: nn.Module, steps: Sequence[Any], calib: Any = None, evaluate
     Args:
         model: a trained MoE model; left untouched unless ``inplace=True``.
         steps: a list of ``(name, kwargs)`` pairs with ``name`` in :data:`STEPS` (e.g.
-            ``[("drop_layers", {"n": 1}), ("quantize", {"bits": 3, "group_size": 32})]``), or
+            ``[("drop_layers", {"keep": 3}), ("quantize", {"bits": 3, "group_size": 32})]``), or
             callables ``model -> model``. All are validated before any work: an unknown name,
             an unknown or missing keyword, a step needing ``calib`` without it, or a step needing
             plain experts after one that compressed them raises ``ValueError`` naming the step.
@@ -372,8 +310,6 @@ def pipeline(model: nn.Module, steps: Sequence[Any], calib: Any = None, evaluate
 
 
 def _run(plan, model, current, teacher, calib, evaluate, train_data, latency_batch, latency_repeats):
-    from moe_course.metrics import latency as _latency, size_report
-
     current.eval()
 
     def measure(stage: int, label: str, seconds: float) -> dict[str, Any]:
@@ -381,7 +317,7 @@ def _run(plan, model, current, teacher, calib, evaluate, train_data, latency_bat
         row = {"stage": stage, "step": label, "bytes": rep.bytes, "params": rep.total_params,
                "ratio": None, "quality": _quality(evaluate, current), "latency_ms": None, "seconds": seconds}
         if latency_batch is not None:
-            row["latency_ms"] = _latency(current, latency_batch, repeats=latency_repeats, warmup=1).median_ms
+            row["latency_ms"] = latency(current, latency_batch, repeats=latency_repeats, warmup=1).median_ms
         return row
 
     rows = [measure(0, "input", 0.0)]
@@ -401,7 +337,7 @@ def _run(plan, model, current, teacher, calib, evaluate, train_data, latency_bat
                     data = data if data is not None else train_data if train_data is not None else calib
                     nxt = spec.fn(current, teacher=teacher, data=data, **kw)
                 elif spec.calib:
-                    nxt = spec.fn(current, calib, inplace=True, **kw)
+                    nxt = spec.fn(current, calib=calib, inplace=True, **kw)
                 else:
                     nxt = spec.fn(current, inplace=True, **kw)
         except (ValueError, TypeError) as err:

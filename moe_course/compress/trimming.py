@@ -10,7 +10,8 @@
   states ``n`` blocks apart: one shot with the ``n`` largest one-block similarities, or the best
   contiguous run of ``n`` blocks (``contiguous=True``). The blocks leave ``model.blocks``.
 
-Every function returns a new model (deep copy) unless ``inplace=True``.
+Every transform follows :mod:`moe_course.compress`'s convention ``f(model, keep, *, calib=None,
+inplace=False, **options)`` and returns a new model (deep copy) unless ``inplace=True``.
 """
 
 from __future__ import annotations
@@ -71,13 +72,6 @@ def best_contiguous_run(hidden: list[torch.Tensor], n: int) -> tuple[int, float]
     return b, sims[b]
 
 
-def _check_n(n: Any, total: int, what: str) -> int:
-    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n < total:
-        raise ValueError(f"n: expected an int number of {what} to drop in [0, {total - 1}] "
-                         f"(the model has {total}; at least one must stay), got {n!r}")
-    return n
-
-
 # -------------------------------------------------------------------------------- expert drop
 @torch.no_grad()
 def expert_scores(model: nn.Module, calib: Any) -> list[torch.Tensor]:
@@ -88,25 +82,14 @@ def expert_scores(model: nn.Module, calib: Any) -> list[torch.Tensor]:
     return [torch.softmax(layer.router(x).logits.float(), -1).mean(0) for layer, x in zip(layers, xs)]
 
 
-def _resolve_keep(keep: Any, layers, scope: str) -> int:
-    """Experts kept per layer (scope "layer") or in total (scope "global")."""
-    E = sum(layer.num_experts for layer in layers) if scope == "global" else min(l.num_experts for l in layers)
-    lo = sum(layer.k for layer in layers) if scope == "global" else max(l.k for l in layers)
-    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
-        raise ValueError(f"keep: expected an int number of experts or a fraction in (0, 1], got {keep!r}")
-    n = keep if isinstance(keep, int) else (round(keep * E) if 0 < keep <= 1 else None)
-    if n is None or not lo <= n <= E:
-        where = "in total over all layers" if scope == "global" else "per layer"
-        raise ValueError(f"keep: expected between {lo} (k per layer) and {E} experts {where}, got {keep!r}")
-    return n
-
-
-def drop_experts(model: nn.Module, calib: Any, keep, scope: str = "layer", inplace: bool = False) -> nn.Module:
+def drop_experts(model: nn.Module, keep: int | float | list, *, calib: Any = None, scope: str = "layer",
+                 inplace: bool = False) -> nn.Module:
     """Expert drop: remove the experts with the lowest mean router probability on ``calib``.
 
-    ``scope="layer"``: ``keep`` experts (int, or a fraction of E) in every layer; ``"global"``:
-    ``keep`` experts in total (int, or a fraction of all experts), ranked across layers, with at
-    least ``k`` kept in each layer. Experts and router rows are physically removed.
+    ``scope="layer"``: ``keep`` experts in every layer (an int, a fraction of E, or one value per
+    layer); ``"global"``: ``keep`` experts in total (an int, or a fraction of all experts), ranked
+    across layers, with at least ``k`` kept in each layer. Experts and router rows are physically
+    removed.
     """
     if scope not in SCOPES:
         raise ValueError(f"scope: expected one of {SCOPES}, got {scope!r}")
@@ -114,13 +97,18 @@ def drop_experts(model: nn.Module, calib: Any, keep, scope: str = "layer", inpla
     for layer in layers:
         if not isinstance(layer, SparseMoE):
             raise TypeError(f"model: expert drop needs sparse top-k MoE layers, got {type(layer).__name__}")
-    n = _resolve_keep(keep, layers, scope)
+    if scope == "layer":
+        counts = _validate.keep_per_layer(keep, layers)
+    else:
+        lo, total = sum(layer.k for layer in layers), sum(layer.num_experts for layer in layers)
+        n = _validate.keep_count(keep, total, lo, "experts in total over all layers",
+                                 f"between {lo} (k per layer) and {total}")
     _validate.dense_experts(layers, "drop_experts")
     _validate.router_kind(layers, "drop_experts", ("TopKRouter", "SkippingRouter"))
     _validate.finite_model(model)
     scores = expert_scores(model, calib)
     if scope == "layer":
-        kept = [sorted(s.argsort(descending=True, stable=True)[:n].tolist()) for s in scores]
+        kept = [sorted(s.argsort(descending=True, stable=True)[:c].tolist()) for s, c in zip(scores, counts)]
     else:
         kept = [sorted(s.argsort(descending=True, stable=True)[:layer.k].tolist()) for s, layer in zip(scores, layers)]
         rest = sorted(((float(s[e]), l, e) for l, s in enumerate(scores) for e in range(len(s)) if e not in kept[l]),
@@ -178,13 +166,14 @@ def layer_similarities(model: nn.Module, calib: Any) -> dict[int, float]:
     return {i: residual_similarity(torch.cat(hs[i]), torch.cat(outs[i])) for i in idx}
 
 
-def drop_layers(model: nn.Module, calib: Any, n: int, inplace: bool = False) -> nn.Module:
-    """Layer drop: remove the ``n`` MoE sub-layers with the largest :func:`layer_similarities`
-    (one shot). Each dropped block's ``ffn`` becomes :class:`Skipped` and its ``ln_ffn`` an
-    ``Identity``, so the block computes only its token mixer. The model keeps >= 1 MoE layer."""
+def drop_layers(model: nn.Module, keep: int | float, *, calib: Any = None, inplace: bool = False) -> nn.Module:
+    """Layer drop: keep ``keep`` of the MoE sub-layers (an int, or a fraction of them; at least one)
+    and remove the others, those with the largest :func:`layer_similarities` (one shot). Each
+    dropped block's ``ffn`` becomes :class:`Skipped` and its ``ln_ffn`` an ``Identity``, so the
+    block computes only its token mixer."""
     require_moe_layers(model, "trim")
     idx = _moe_blocks(model)
-    n = _check_n(n, len(idx), "MoE layers")
+    n = len(idx) - _validate.keep_count(keep, len(idx), 1, "MoE layers")
     sims = layer_similarities(model, calib)
     drop = sorted(sorted(sims, key=lambda i: -sims[i])[:n])
     model = model if inplace else copy.deepcopy(model)
@@ -212,8 +201,10 @@ def block_hidden_states(model: nn.Module, calib: Any) -> list[torch.Tensor]:
     return [torch.cat(s) for s in store]
 
 
-def drop_blocks(model: nn.Module, calib: Any, n: int, contiguous: bool = False, inplace: bool = False) -> nn.Module:
-    """Block drop: remove ``n`` whole blocks from ``model.blocks``.
+def drop_blocks(model: nn.Module, keep: int | float, *, calib: Any = None, contiguous: bool = False,
+                inplace: bool = False) -> nn.Module:
+    """Block drop: keep ``keep`` whole blocks of ``model.blocks`` (an int, or a fraction of them; at
+    least one) and remove the other ``n``.
 
     ``contiguous=False`` (one shot, as He et al.): the ``n`` blocks with the largest
     ``mean_t cos(h_b, h_{b+1})``; ``contiguous=True``: the run ``b .. b+n-1`` maximising
@@ -222,7 +213,7 @@ def drop_blocks(model: nn.Module, calib: Any, n: int, contiguous: bool = False, 
     require_moe_layers(model, "trim")
     if getattr(model, "blocks", None) is None:
         raise TypeError("model: expected a model with .blocks (MoETransformerLM / MoEClassifier)")
-    n = _check_n(n, len(model.blocks), "blocks")
+    n = len(model.blocks) - _validate.keep_count(keep, len(model.blocks), 1, "blocks")
     hidden = block_hidden_states(model, calib)
     if n == 0:
         drop = []

@@ -13,7 +13,8 @@ import random
 
 import torch
 
-from moe_course.compress.recipes import pareto_frontier, quantize_rest
+from moe_course.compress.quantization import quantize_rest
+from moe_course.compress.recipes import pareto_frontier
 
 from .core import CheckFailed, checker, expect
 
