@@ -1,4 +1,5 @@
-"""moe_course: the companion package of the course on compressing Mixture-of-Experts models.
+"""moe_course: the companion package of the course on compressing Mixture-of-Experts models
+(chapters 1 to 13; chapter 0, the book's welcome page, maps each chapter to its module).
 
 Submodules load on first use (``import moe_course; moe_course.zoo.pretrained(...)`` works), so
 importing the package stays fast and does not pull in datasets or matplotlib until needed.

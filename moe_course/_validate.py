@@ -1,4 +1,5 @@
-"""Argument checks shared by the package (issue 7, "bad input, everywhere").
+"""Argument checks shared by the package (the functions of chapters 1 to 13 use them; the bad-input
+table in ``tests/test_bad_input.py`` lists what each one refuses).
 
 Every check raises early, before any copy or mutation, with a message that starts with the
 argument's name and says what was expected, so a learner's mistake points at the argument that
@@ -48,13 +49,12 @@ def dense_experts(layers: list, action: str) -> None:
     """Each MoE layer must still store plain :class:`~moe_course.layers.Experts` (not packed or factored).
 
     Quantized or factored experts would be silently expanded back to full fp32 matrices (or, for
-    in-place edits of their properties, not changed at all), so ``action`` refuses them.
+    in-place edits of their properties, not changed at all), so ``action`` refuses them. (Compressed
+    experts say so: ``CompressedExperts.compressed`` is True.)
     """
-    from .layers import Experts
-
     for i, layer in enumerate(layers):
         kind = type(layer.experts).__name__
-        if type(layer.experts) is not Experts:
+        if getattr(layer.experts, "compressed", True):
             step, advice = _STEP_OF.get(kind, (None, "apply {action} to the uncompressed model"))
             what = f"was compressed by {step}() ({kind})" if step else f"stores {kind}"
             raise TypeError(f"model: {action} needs MoE layers with dense Experts, but MoE layer {i} {what}; "
@@ -78,6 +78,15 @@ def router_kind(layers: list, action: str, allowed: tuple[str, ...]) -> None:
             else:
                 hint = f"MoE layer {i} has a {kind}"
             raise TypeError(f"model: {action} needs routers of type {' or '.join(allowed)}; {hint}")
+
+
+def positive_int(name: str, value: Any, allow_none: bool = False) -> int | None:
+    """``value`` must be an int >= 1 (not a bool), or ``None`` when ``allow_none``."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected a positive int{' or None' if allow_none else ''}, got {value!r}")
+    return value
 
 
 def int_in(name: str, value: Any, lo: int | None = None, hi: int | None = None) -> int:

@@ -1,5 +1,5 @@
-"""The ``moe-course`` command: build the book, regenerate exercises, check the environment,
-print the compression table, grade students' notebooks.
+"""The ``moe-course`` command (chapter 0, how to run the course): build the book, regenerate
+exercises, check the environment, print the compression table, grade students' notebooks.
 
     moe-course book [--strict] [--all]          # jupyter-book build book/ (from stored outputs)
     moe-course exercises [--check]              # exercises/ from solutions/

@@ -1,4 +1,5 @@
-"""Pick the compute device and seed every random number generator the course uses.
+"""Pick the compute device and seed every random number generator the course uses (every chapter's
+first cell; chapter 0 explains the environment variables).
 
 The environment variable ``MOE_COURSE_DEVICE`` (e.g. ``cpu``, ``cuda``, ``cuda:1``, ``mps``) wins over
 everything, so a reader can pin a notebook to the CPU without editing it. ``MOE_COURSE_PRESET``

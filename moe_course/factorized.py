@@ -1,4 +1,5 @@
-r"""μMoE: multilinear mixtures of experts with factorised weight tensors (Oldfield et al., 2024).
+r"""μMoE (chapter 10): multilinear mixtures of experts with factorised weight tensors (Oldfield et al.,
+2024).
 
 A soft mixture of ``N`` linear experts is one third-order tensor ``W`` of shape
 ``N x (I+1) x O`` (the bias is folded in by appending a 1 to the input, :math:`\bar z = [z; 1]`):

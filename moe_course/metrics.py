@@ -43,6 +43,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from . import _validate
 from .calib import count_tokens, evaluating, forward, iter_batches
 from .device import to_device
 from .layers import Experts, MoELayer, RouterOutput, moe_layers
@@ -262,9 +263,7 @@ def size_report(model: nn.Module, context_length: int | None = None) -> SizeRepo
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
-    if context_length is not None and (isinstance(context_length, bool) or not isinstance(context_length, int)
-                                       or context_length < 1):
-        raise ValueError(f"context_length: expected a positive int or None, got {context_length!r}")
+    _validate.positive_int("context_length", context_length, allow_none=True)
     layers = moe_layers(model)
     in_moe = {id(m) for layer in layers for m in layer.modules()}
 
@@ -328,14 +327,6 @@ def size_report(model: nn.Module, context_length: int | None = None) -> SizeRepo
         experts_per_layer=[layer.num_experts for layer in layers],
         k_per_layer=[layer.k for layer in layers],
     )
-
-
-def _check_positive(name: str, value: Any, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        extra = " or None" if allow_none else ""
-        raise ValueError(f"{name}: expected a positive int{extra}, got {value!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -407,7 +398,7 @@ def latency(
         tokens: tokens per run for ``tokens_per_s``; default from the batch (token ids count one
             each, float inputs one per row, a callable 0).
     """
-    _check_positive("repeats", repeats)
+    _validate.positive_int("repeats", repeats)
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise ValueError(f"warmup: expected an int >= 0, got {warmup!r}")
     is_fn = callable(batch) and not torch.is_tensor(batch) and not isinstance(batch, nn.Module)
@@ -645,8 +636,8 @@ def routing_stats(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
-    _check_positive("batch_size", batch_size)
-    _check_positive("max_batches", max_batches, allow_none=True)
+    _validate.positive_int("batch_size", batch_size)
+    _validate.positive_int("max_batches", max_batches, allow_none=True)
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
         raise ValueError(f"max_tokens: expected an int >= 0, got {max_tokens!r}")
     names = {id(m): n for n, m in model.named_modules()}

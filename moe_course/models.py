@@ -1,4 +1,4 @@
-"""The course's two model families and their presets.
+"""The course's two model families (chapter 3, "the zoo models"; their presets live in ``zoo``).
 
 * :class:`MoETransformerLM`: a decoder-only, character-level Transformer (GPT-2 layout: learned
   positions, pre-LN blocks, tied LM head; Radford et al. 2019) whose feed-forward sublayers are
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_course.dispatch import STRATEGIES as DISPATCH_STRATEGIES
-from moe_course.layers import MoELayer, SoftMoE, SparseMoE, moe_layers
+from moe_course.layers import ACTIVATIONS, MoELayer, SoftMoE, SparseMoE, moe_layers
 
 FFN_KINDS = ("moe", "soft", "dense")
 # Feed-forward kinds added by modules above this one: name -> builder(cfg) -> nn.Module. They
@@ -43,7 +43,6 @@ def register_ffn(name: str, builder) -> None:
     _FFN_BUILDERS[name] = builder
 
 
-ACTIVATIONS = ("gelu", "swiglu")
 MIXERS = ("conv", "attention", "none")
 
 

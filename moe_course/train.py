@@ -1,4 +1,4 @@
-"""Training and evaluation loops for the course's models.
+"""Training and evaluation loops for the course's models (chapter 3; reused by chapters 6 and 10).
 
 :func:`fit` is AdamW (Loshchilov & Hutter 2019) with linear warmup and cosine decay (Loshchilov &
 Hutter 2017), gradient clipping, and the model's own ``compute_loss`` (so the aux-loss weights of

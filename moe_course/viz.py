@@ -1,4 +1,4 @@
-"""The course's plots, in plain matplotlib.
+"""The course's plots, in plain matplotlib (used from chapter 1 to chapter 11).
 
 Every function returns the :class:`~matplotlib.figure.Figure` it drew on, never calls
 ``plt.show()``, draws into ``ax`` when one is given, and uses the course style

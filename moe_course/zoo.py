@@ -1,4 +1,5 @@
-"""Model zoo: the course's trained MoE models, trained on first use and cached as safetensors.
+"""Model zoo (chapter 3): the course's trained MoE models, trained on first use and cached as
+safetensors. The size presets (``cpu``, ``gpu``, ``test``) live here too.
 
 ``pretrained("shakespeare-moe")`` / ``pretrained("mnist1d-moe")`` train deterministically the first
 time (seeded data order and initialisation), save the weights (safetensors only, never pickle),

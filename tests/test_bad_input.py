@@ -234,9 +234,9 @@ def known_issue(reason: str) -> None:
 
 
 # ---- layers -------------------------------------------------------------------------------
-row("Experts/num_experts=0", LY.Experts, VE, r"num_experts: expected a positive integer, got 0", 0, 16, 16)
-row("Experts/d_model=float", LY.Experts, VE, r"d_model: expected a positive integer, got 16\.0", 4, 16.0, 16)
-row("Experts/d_hidden=-1", LY.Experts, VE, r"d_hidden: expected a positive integer, got -1", 4, 16, -1)
+row("Experts/num_experts=0", LY.Experts, VE, r"num_experts: expected a positive int, got 0", 0, 16, 16)
+row("Experts/d_model=float", LY.Experts, VE, r"d_model: expected a positive int, got 16\.0", 4, 16.0, 16)
+row("Experts/d_hidden=-1", LY.Experts, VE, r"d_hidden: expected a positive int, got -1", 4, 16, -1)
 row("Experts/activation", LY.Experts, VE, r"activation: expected one of \('gelu', 'swiglu'\), got 'relu'", 4, 16, 16, "relu")
 row("Experts[]/out of range", lambda e: e[4], IndexError, r"expert index 4 out of range for 4 experts", EXPERTS)
 row("Experts[]/float index", lambda e: e[1.5], TE, r"i: expected an int expert index, got 1\.5", EXPERTS)
@@ -247,9 +247,9 @@ row("CompressedExperts/not Experts", LY.CompressedExperts, TE, r"experts: expect
 row("ExpertView/index", LY.ExpertView, IndexError, r"index: expected an expert index in \[0, 4\), got 7", EXPERTS, 7)
 row("TopKRouter/k=0", LY.TopKRouter, VE, r"k: expected an integer in \[1, num_experts=4\], got 0", 16, 4, 0)
 row("TopKRouter/k>E", LY.TopKRouter, VE, r"k: expected an integer in \[1, num_experts=4\], got 5", 16, 4, 5)
-row("TopKRouter/num_experts=0", LY.TopKRouter, VE, r"num_experts: expected a positive integer, got 0", 16, 0, 1)
-row("TopKRouter/d_model=str", LY.TopKRouter, VE, r"d_model: expected a positive integer, got '16'", "16", 4, 2)
-row("SoftMoE/num_experts=0", LY.SoftMoE, VE, r"num_experts: expected a positive integer, got 0", 16, 0, 16)
+row("TopKRouter/num_experts=0", LY.TopKRouter, VE, r"num_experts: expected a positive int, got 0", 16, 0, 1)
+row("TopKRouter/d_model=str", LY.TopKRouter, VE, r"d_model: expected a positive int, got '16'", "16", 4, 2)
+row("SoftMoE/num_experts=0", LY.SoftMoE, VE, r"num_experts: expected a positive int, got 0", 16, 0, 16)
 row("SoftMoE/activation", LY.SoftMoE, VE, r"activation: expected one of", 16, 4, 16, "tanh")
 row("SparseMoE/k>E", LY.SparseMoE, VE, r"k: expected an integer in \[1, num_experts=4\], got 6", 16, 4, 16, k=6)
 row("SparseMoE/capacity_factor<0", LY.SparseMoE, VE, r"capacity_factor: expected None or a finite number > 0, got -1",
@@ -286,8 +286,8 @@ row("dispatch/strategy", DI.dispatch, VE, r"dispatch: expected one of \('naive',
     X16, _w2, _i2, EXPERTS, "magic")
 row("dispatch/experts", DI.dispatch, TE, r"experts: expected a moe_course.layers.Experts, got Linear", X16, _w2, _i2, nn.Linear(16, 16))
 row("resolve_strategy/name", DI.resolve_strategy, VE, r"dispatch: expected one of", "sorted", "cpu")
-row("capacity_mask/capacity<0", DI.capacity_mask, VE, r"capacity: expected an int >= 0, got -1", _i2, 4, -1)
-row("capacity_mask/capacity float", DI.capacity_mask, VE, r"capacity: expected an int >= 0, got 2\.5", _i2, 4, 2.5)
+row("capacity_mask/capacity<0", DI.capacity_mask, VE, r"capacity: expected an integer in \[0, inf\], got -1", _i2, 4, -1)
+row("capacity_mask/capacity float", DI.capacity_mask, VE, r"capacity: expected an integer in \[0, inf\], got 2\.5", _i2, 4, 2.5)
 row("capacity_mask/indices 1-D", DI.capacity_mask, VE, r"indices: expected an integer tensor \[T, k\], got shape \(5,\)", _i2[:, 0], 4, 2)
 row("capacity_mask/num_experts=0", DI.capacity_mask, VE, r"num_experts: expected an integer in \[1, inf\], got 0", _i2, 0, 2)
 

@@ -8,6 +8,7 @@ one, never up; the import graph has no cycle; and nothing in the package imports
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import moe_course
@@ -149,6 +150,12 @@ def test_package_docstring_lists_the_levels():
         for name in names:
             if name and "." not in name:
                 assert f"``{name}``" in doc, f"the package docstring's layering should name ``{name}``"
+
+
+def test_every_module_docstring_names_its_chapter():
+    missing = [m for m, path in MODULES.items()
+               if not re.search(r"\b[Cc]hapters? \d+", ast.get_docstring(ast.parse(path.read_text())) or "")]
+    assert not missing, f"say which chapter each module belongs to, in its docstring: {missing}"
 
 
 def test_the_walk_sees_lazy_and_relative_imports():

@@ -1,4 +1,4 @@
-"""Knowledge distillation of an MoE teacher into a smaller student (Hinton et al., 2015).
+"""Knowledge distillation of an MoE teacher into a smaller student (chapter 6; Hinton et al., 2015).
 
 The student matches the teacher's temperature-softened distribution as well as the labels:
 

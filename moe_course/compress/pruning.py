@@ -1,4 +1,5 @@
-"""Pruning a trained MoE: magnitude pruning, expert pruning (frequency, NAEE), dynamic skipping.
+"""Pruning a trained MoE (chapter 4): magnitude pruning, expert pruning (frequency, NAEE), dynamic
+skipping.
 
 * :func:`prune_magnitude` zeroes the smallest expert weights (the slide deck's technique), globally
   or per layer. Zeros inside dense tensors save no bytes and no time; :func:`csr_bytes` says what

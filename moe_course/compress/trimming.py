@@ -1,4 +1,4 @@
-"""Expert trimming, the unified framework of He et al. (2024): expert, layer and block drop.
+"""Expert trimming (chapter 9), the unified framework of He et al. (2024): expert, layer and block drop.
 
 * :func:`drop_experts` ranks experts by their mean router probability on calibration data (per
   layer, or globally across layers) and physically removes the lowest (reusing the removal of

@@ -1,4 +1,4 @@
-"""The checker machinery behind every exercise's check cell.
+"""The checker machinery behind every exercise's check cell (the exercises of chapters 1 to 11).
 
 A checker takes the student's function, runs it against the package's reference on fixed,
 random and edge-case inputs, and returns a :class:`CheckResult` (also printed, so the check
