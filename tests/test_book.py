@@ -124,6 +124,28 @@ def test_book_build_executes_nothing_and_shows_stored_outputs(built_book):
         assert html.escape(line, quote=False) in page, f"stored output {line!r} missing from {path.stem}.html"
 
 
+def test_readers_never_see_test_markers(built_book):
+    """``# NBVAL_CHECK_OUTPUT`` tells nbval to compare a cell's output; _ext/reader_view.py drops
+    that line from the displayed code, so no page (nor the search index) shows it."""
+    _, html_dir = built_book
+    shown = {path.name: path.read_text(encoding="utf-8").count("NBVAL_")
+             for path in [*html_dir.glob("*.html"), html_dir / "searchindex.js"]}
+    shown = {name: n for name, n in shown.items() if n}
+    assert not shown, f"test markers shown to readers: {shown}"
+
+
+def test_marker_lines_are_dropped_and_nothing_else():
+    sys.path.insert(0, str(BOOK / "_ext"))
+    try:
+        import reader_view
+    finally:
+        sys.path.remove(str(BOOK / "_ext"))
+    code = 'print("NBVAL_CHECK_OUTPUT is a marker")  # a string, not the marker line'
+    assert reader_view.strip_markers(code) == code
+    assert reader_view.strip_markers("# NBVAL_CHECK_OUTPUT\nx = 1\nprint(x)") == "x = 1\nprint(x)"
+    assert reader_view.strip_markers("x = 1\n  # NBVAL_IGNORE_OUTPUT\ny = 2") == "x = 1\ny = 2"
+
+
 def test_bibliography_renders_entries(built_book):
     _, html_dir = built_book
     page = (html_dir / "bibliography.html").read_text(encoding="utf-8")

@@ -142,9 +142,9 @@ def browser():
 class _Tab:
     """One browser tab that records what went wrong while it loads pages of the site."""
 
-    def __init__(self, browser, base: str):
+    def __init__(self, browser, base: str, width: int = 1280, height: int = 900):
         self.base = base
-        self.context = browser.new_context(viewport={"width": 1280, "height": 900})
+        self.context = browser.new_context(viewport={"width": width, "height": height})
         self.context.set_default_timeout(PAGE_TIMEOUT_MS)
         self.outside: list[str] = []
         self.problems: list[str] = []
@@ -352,3 +352,65 @@ def test_search_finds_each_chapter_by_a_word_of_its_title(browser, site):
     finally:
         tab.close()
     assert not missing, f"search did not list the chapter for its own title word: {missing}"
+
+
+# --- the theme: a menu that opens at every width, one search bar ----------------------------------
+
+# Where the primary sidebar's chapter links are: shown when the first visible link lies inside the
+# viewport and is what the reader would click there (not covered by the page or the header).
+_SIDEBAR_STATE = """() => {
+  const links = [...document.querySelectorAll("#pst-primary-sidebar nav.bd-docs-nav a, "
+                                           + "#pst-primary-sidebar-modal nav.bd-docs-nav a")];
+  const link = links.find(a => a.checkVisibility({visibilityProperty: true, opacityProperty: true}));
+  let shown = false;
+  if (link) {
+    const r = link.getBoundingClientRect();
+    const x = r.left + Math.min(r.width / 2, 20), y = r.top + r.height / 2;
+    shown = r.width > 0 && r.left >= 0 && r.right <= innerWidth && r.top >= 0 && r.bottom <= innerHeight
+            && link.contains(document.elementFromPoint(x, y));
+  }
+  const visible = sel => [...document.querySelectorAll(sel)]
+      .filter(e => e.checkVisibility({visibilityProperty: true}) && e.getBoundingClientRect().width > 0);
+  return {shown, toggles: visible(".primary-toggle").length,
+          searchBars: visible(".search-button-field").length,
+          searchButtons: visible(".search-button__button").length};
+}"""
+
+
+@pytest.mark.parametrize("width", [1400, 400])
+def test_menu_button_opens_the_primary_sidebar(browser, site, width):
+    """The one visible menu button shows the chapter list: on a desktop it hides and re-opens the
+    sidebar; on a phone (sidebar hidden at first) it opens it over the page."""
+    base, _ = site
+    tab = _Tab(browser, base, width=width, height=900)
+    try:
+        page = tab.page
+        page.goto(base + "02_sparse_gating.html", wait_until="load")
+        state = page.evaluate(_SIDEBAR_STATE)
+        assert state["toggles"] == 1, f"{state['toggles']} visible menu buttons at {width} px"
+        button = page.locator(".primary-toggle").filter(visible=True)
+        if width >= 992:  # the themes' desktop breakpoint: the sidebar starts open
+            assert state["shown"], f"the sidebar is not shown at {width} px"
+            button.click()
+            page.wait_for_function(f"() => !({_SIDEBAR_STATE})().shown", timeout=5_000)
+        else:
+            assert not state["shown"], f"the sidebar covers the page at {width} px before any click"
+        button.click()
+        page.wait_for_function(f"() => ({_SIDEBAR_STATE})().shown", timeout=5_000)
+        if width < 992:  # the opened menu works: its links lead to chapters
+            page.locator("#pst-primary-sidebar-modal nav.bd-docs-nav a", has_text="Measuring").first.click()
+            page.wait_for_url("**/03_measuring_moe.html*")
+        assert not tab.problems, tab.problems
+    finally:
+        tab.close()
+
+
+def test_one_search_bar_on_desktop(browser, site):
+    base, _ = site
+    tab = _Tab(browser, base, width=1400, height=900)
+    try:
+        tab.page.goto(base + "02_sparse_gating.html", wait_until="load")
+        state = tab.page.evaluate(_SIDEBAR_STATE)
+    finally:
+        tab.close()
+    assert state["searchBars"] == 1, f"{state['searchBars']} search bars show at 1400 px"
