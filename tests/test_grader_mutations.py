@@ -10,6 +10,7 @@ least :data:`MIN_MUTANTS` mutants and one alternative.
 
 from __future__ import annotations
 
+import ast
 import importlib
 import math
 from pathlib import Path
@@ -45,6 +46,17 @@ def _expected_checks() -> list[str]:
     return out
 
 
+def _run_imports(source: str, namespace: dict) -> None:
+    """Execute only the import statements of a notebook cell (cells with magics are skipped)."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return
+    imports = [node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))]
+    if imports:
+        exec(compile(ast.Module(body=imports, type_ignores=[]), "<imports>", "exec"), namespace)
+
+
 def _solution_functions() -> dict[str, object]:
     """The solution notebooks' own functions, keyed by the check id of the check cell that follows."""
     found = {}
@@ -56,6 +68,7 @@ def _solution_functions() -> dict[str, object]:
                      "linear_sum_assignment": linear_sum_assignment}
         for i, cell in enumerate(cells):
             if "### BEGIN SOLUTION" not in cell.source:
+                _run_imports(cell.source, namespace)  # the notebook's own imports (copy, moe_layers, ...)
                 continue
             before = set(namespace)
             exec(compile(cell.source, f"{path.name}[{i}]", "exec"), namespace)
