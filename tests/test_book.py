@@ -12,6 +12,7 @@ import html
 import json
 import re
 import sys
+from html.parser import HTMLParser
 from pathlib import Path
 
 import nbformat
@@ -144,6 +145,89 @@ def test_marker_lines_are_dropped_and_nothing_else():
     assert reader_view.strip_markers(code) == code
     assert reader_view.strip_markers("# NBVAL_CHECK_OUTPUT\nx = 1\nprint(x)") == "x = 1\nprint(x)"
     assert reader_view.strip_markers("x = 1\n  # NBVAL_IGNORE_OUTPUT\ny = 2") == "x = 1\ny = 2"
+
+
+# --- The book speaks to readers: no words of the project's workflow, no machine paths -----------
+
+# "~/.cache/moe_course" is the documented default cache; any other spelling of it is a machine path.
+WORKFLOW_WORDS = re.compile(
+    r"\bissues?\b|\baim \(|research notes|our notes|/root/|/work/|/tmp/|(?<!~)/\.cache/moe_course",
+    re.IGNORECASE,
+)
+
+
+class _ArticleText(HTMLParser):
+    """The text of a page's ``<article>``; with ``cells=False`` without code cells and their outputs."""
+
+    def __init__(self, cells: bool):
+        super().__init__()
+        self.cells = cells
+        self.in_article = 0
+        self.divs = 0
+        self.skip_from: int | None = None
+        self.parts: list[str] = []
+
+    BLOCKS = {"p", "div", "pre", "li", "tr", "td", "th", "h1", "h2", "h3", "h4", "br", "dt", "dd"}
+
+    def handle_starttag(self, tag, attrs):
+        if tag in self.BLOCKS:
+            self.parts.append(" ")  # "</pre><p>Aim" is two words
+        if tag == "article":
+            self.in_article += 1
+        elif tag == "div":
+            self.divs += 1
+            classes = (dict(attrs).get("class") or "").split()
+            if not self.cells and self.skip_from is None and {"cell_input", "cell_output"} & set(classes):
+                self.skip_from = self.divs
+
+    def handle_endtag(self, tag):
+        if tag == "article":
+            self.in_article -= 1
+        elif tag == "div":
+            if self.skip_from == self.divs:
+                self.skip_from = None
+            self.divs -= 1
+
+    def handle_data(self, data):
+        if self.in_article and self.skip_from is None and self.lasttag not in ("script", "style"):
+            self.parts.append(data)
+
+
+def _workflow_hits(html_dir: Path, cells: bool) -> dict[str, list[str]]:
+    hits = {}
+    for path in sorted(html_dir.glob("*.html")):
+        parser = _ArticleText(cells)
+        parser.feed(path.read_text(encoding="utf-8"))
+        text = " ".join("".join(parser.parts).split())
+        found = [text[max(0, m.start() - 50):m.end() + 30] for m in WORKFLOW_WORDS.finditer(text)]
+        if found:
+            hits[path.name] = found
+    return hits
+
+
+def test_prose_has_no_workflow_words_or_machine_paths(built_book):
+    _, html_dir = built_book
+    hits = _workflow_hits(html_dir, cells=False)
+    assert not hits, f"words of the project's workflow or machine paths in the text of {hits}"
+
+
+@pytest.mark.xfail(strict=True, reason="stored outputs: 03_measuring_moe prints its zoo cache path "
+                   "(/root/.cache/moe_course) and 05_quantization prints 'Aim (issue): ...' from a code "
+                   "cell; they go when those cells are changed and re-executed (then drop this mark)")
+def test_code_cells_and_outputs_have_no_workflow_words_or_machine_paths(built_book):
+    _, html_dir = built_book
+    hits = _workflow_hits(html_dir, cells=True)
+    assert not hits, f"words of the project's workflow or machine paths on {hits}"
+
+
+def test_workflow_grep_finds_what_it_should():
+    page = ('<article><p>See ~/.cache/moe_course.</p><div class="cell_output"><pre>/root/x</pre></div>'
+            "<p>Aim (issue): met</p></article>")
+    for cells, expected in ((False, ["aim (", "issue"]), (True, ["/root/", "aim (", "issue"])):
+        parser = _ArticleText(cells)
+        parser.feed(page)
+        found = [m.group(0).lower() for m in WORKFLOW_WORDS.finditer("".join(parser.parts))]
+        assert found == expected, (cells, found)
 
 
 def test_bibliography_renders_entries(built_book):
