@@ -391,6 +391,15 @@ def test_every_chapter_has_a_solution_and_links_its_exercise_notebook():
     assert not lacking, f"these chapters do not link their exercise notebook: {lacking}"
 
 
+def test_notation_page_follows_the_welcome_page_and_is_linked_from_it():
+    files = _toc_files()
+    assert files[:2] == ["index", "notation"], f"book/notation.md must come right after the welcome page: {files[:3]}"
+    assert "](notation.md)" in (BOOK / "index.md").read_text(encoding="utf-8")
+    page = (BOOK / "notation.md").read_text(encoding="utf-8")
+    for symbol in ("$N$", "$k$", "$d$", "$f$", "$T$", r"$\tau$", "$G$", r"$W_g \in \mathbb{R}^{d \times N}$"):
+        assert f"| {symbol}" in page, f"notation.md has no row for {symbol}"
+
+
 def test_index_maps_every_chapter():
     index = (BOOK / "index.md").read_text(encoding="utf-8")
     unlinked = [stem for stem in _chapter_stems() if f"]({stem}.ipynb)" not in index]
