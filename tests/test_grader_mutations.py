@@ -10,6 +10,7 @@ least :data:`MIN_MUTANTS` mutants and one alternative.
 
 from __future__ import annotations
 
+import ast
 import importlib
 import math
 from pathlib import Path
@@ -45,20 +46,34 @@ def _expected_checks() -> list[str]:
     return out
 
 
+def _run_imports(source: str, namespace: dict) -> None:
+    """Execute only the import statements of a notebook cell (cells with magics are skipped)."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return
+    imports = [node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))]
+    if imports:
+        exec(compile(ast.Module(body=imports, type_ignores=[]), "<imports>", "exec"), namespace)
+
+
 def _solution_functions() -> dict[str, object]:
     """The solution notebooks' own functions, keyed by the check id of the check cell that follows."""
     found = {}
     for path in SOLUTIONS:
         nb = nbformat.read(path, as_version=4)
         cells = [c for c in nb.cells if c.cell_type == "code"]
+        # one namespace per notebook: a "use it" exercise calls the learner's earlier functions
+        namespace = {"torch": torch, "nn": nn, "F": F, "np": np, "math": math, "metrics": metrics,
+                     "linear_sum_assignment": linear_sum_assignment}
         for i, cell in enumerate(cells):
             if "### BEGIN SOLUTION" not in cell.source:
+                _run_imports(cell.source, namespace)  # the notebook's own imports (copy, moe_layers, ...)
                 continue
-            namespace = {"torch": torch, "nn": nn, "F": F, "np": np, "math": math, "metrics": metrics,
-                         "linear_sum_assignment": linear_sum_assignment}
             before = set(namespace)
             exec(compile(cell.source, f"{path.name}[{i}]", "exec"), namespace)
-            fns = [v for k, v in namespace.items() if k not in before and callable(v)]
+            fns = [v for k, v in namespace.items() if k not in before and callable(v) and not isinstance(v, type)
+                   and getattr(v, "__module__", None) in {None, "builtins", namespace.get("__name__")}]
             checks = runner.expected_checks(nbformat.v4.new_notebook(cells=[cells[i + 1]]))
             assert len(fns) == 1 and len(checks) == 1, f"{path.name}: cannot pair solution cell {i} with its check"
             found[checks[0]] = fns[0]

@@ -20,11 +20,14 @@ def test_solution_passes():
     assert ch02.check_expert_capacity(expert_capacity, quiet=True).status == PASS
 
 
-def test_package_layer_passes():
+def test_calling_the_package_is_reported():
+    """The notebook forbids the package's own SparseMoE.capacity: the check runs without it and says so."""
     def via_layer(num_tokens, num_experts, k, capacity_factor):
         return SparseMoE(4, num_experts, 4, k=k, capacity_factor=capacity_factor).capacity(num_tokens)
 
-    assert ch02.check_expert_capacity(via_layer, quiet=True).status == PASS
+    result = ch02.check_expert_capacity(via_layer, quiet=True)
+    assert result.status == FAIL and "package's own" in result.message, result.message
+    assert SparseMoE(4, 8, 4, k=2, capacity_factor=1.0).capacity(64) == 16  # restored after the check
 
 
 @pytest.mark.parametrize("wrong, words", [

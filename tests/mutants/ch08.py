@@ -1,4 +1,4 @@
-"""Chapter 8: matching hidden neurons, frequency-weighted merge."""
+"""Chapter 8: matching hidden neurons by activations, one real expert group merged by hand."""
 
 from __future__ import annotations
 
@@ -11,122 +11,154 @@ from . import Chapter
 M = Chapter("ch08")
 
 
-# ------------------------------------------------------------------ 8.1 match_neurons
 def _lap(c, maximize=True):
     rows, cols = linear_sum_assignment(c.detach().double().numpy(), maximize=maximize)
     return torch.as_tensor(cols[np.argsort(rows)], dtype=torch.long)
 
 
-@M.right("check_match_neurons")
-def match_minimise_negated(ref_in, ref_out, w_in, w_out):
-    """Minimise -C with einsum-built similarities; returns a numpy array."""
-    c = torch.einsum("da,db->ab", ref_in, w_in) + torch.einsum("ad,bd->ab", ref_out, w_out)
-    rows, cols = linear_sum_assignment(-c.double().numpy())
+# ------------------------------------------------------------------ 8.1 match_by_activations
+def _z(a):
+    a = a.double() - a.double().mean(0)
+    return a / a.std(0, unbiased=False).clamp_min(1e-12)
+
+
+@M.right("check_match_by_activations")
+def act_match_corrcoef(ref_act, act):
+    """torch.corrcoef on the stacked columns, minimise the negated block; returns a numpy array."""
+    h = ref_act.shape[1]
+    corr = torch.corrcoef(torch.cat([ref_act, act], 1).double().T)[:h, h:]
+    rows, cols = linear_sum_assignment(-corr.nan_to_num(0.0).numpy())
     return cols
 
 
-@M.wrong("check_match_neurons", "minimised")
-def match_minimise(ref_in, ref_out, w_in, w_out):
+@M.wrong("check_match_by_activations", "covariance")
+def act_match_covariance(ref_act, act):
+    """Centred but not scaled (covariance)."""
+    r, a = ref_act.double() - ref_act.double().mean(0), act.double() - act.double().mean(0)
+    return _lap(r.T @ a)
+
+
+@M.wrong("check_match_by_activations", "centre each neuron")
+def act_match_raw(ref_act, act):
+    """Raw dot products of the activations."""
+    return _lap(ref_act.double().T @ act.double())
+
+
+@M.wrong("check_match_by_activations", "cosine")
+def act_match_cosine(ref_act, act):
+    """Cosine similarity of the uncentred activations."""
+    r = ref_act / ref_act.norm(dim=0)
+    a = act / act.norm(dim=0)
+    return _lap(r.T @ a)
+
+
+@M.wrong("check_match_by_activations", "minimised")
+def act_match_minimise(ref_act, act):
     """linear_sum_assignment without maximize=True."""
-    return _lap(ref_in.T @ w_in + ref_out @ w_out.T, maximize=False)
+    return _lap(_z(ref_act).T @ _z(act), maximize=False)
 
 
-@M.wrong("check_match_neurons", "input weights only")
-def match_inputs_only(ref_in, ref_out, w_in, w_out):
-    """Only W_in."""
-    return _lap(ref_in.T @ w_in)
+@M.wrong("check_match_by_activations", "inverse permutation")
+def act_match_inverse(ref_act, act):
+    """Rows are the other expert's neurons (the inverse permutation)."""
+    return _lap(_z(act).T @ _z(ref_act))
 
 
-@M.wrong("check_match_neurons", "output weights only")
-def match_outputs_only(ref_in, ref_out, w_in, w_out):
-    """Only W_out."""
-    return _lap(ref_out @ w_out.T)
+@M.wrong("check_match_by_activations", "permutation of range")
+def act_match_argmax(ref_act, act):
+    """Row-wise argmax: not a permutation."""
+    return (_z(ref_act).T @ _z(act)).argmax(1)
 
 
-@M.wrong("check_match_neurons", "inverse permutation")
-def match_transposed_cost(ref_in, ref_out, w_in, w_out):
-    """C transposed: rows are w's neurons (the inverse permutation)."""
-    return _lap((ref_in.T @ w_in + ref_out @ w_out.T).T)
+# ------------------------------------------------------------------ 8.2 merge_group (use it)
+def _merge(w_in, w_gate, w_out, freqs, *, gate=True, align=True, ref_first=False, uniform=False, raw=False,
+           inverse=False, permute_out=True):
+    from moe_course.compress.merging import match_neurons
+    n = w_in.shape[0]
+    f = freqs.double()
+    ref = 0 if ref_first else max(range(n), key=lambda i: (float(f[i]), -i))
+    ins, gates, outs = [], [], []
+    for j in range(n):
+        a, g, o = w_in[j], w_gate[j], w_out[j]
+        if align and j != ref:
+            perm = match_neurons(w_in[ref], w_out[ref], a, o, w_gate[ref] if gate else None, g if gate else None)
+            if inverse:
+                perm = torch.argsort(perm)
+            a, g = a[:, perm], g[:, perm]
+            o = o[perm] if permute_out else o
+        ins.append(a)
+        gates.append(g)
+        outs.append(o)
+    wts = torch.ones(n, dtype=torch.float64) if uniform or float(f.sum()) <= 0 else f
+    wts = wts if raw else wts / wts.sum()
+    return tuple(torch.tensordot(wts.to(w_in.dtype), torch.stack(m), dims=1) for m in (ins, gates, outs))
 
 
-@M.wrong("check_match_neurons", "permutation of range")
-def match_greedy_argmax(ref_in, ref_out, w_in, w_out):
-    """Row-wise argmax (not a permutation: two reference neurons may pick the same one)."""
-    return (ref_in.T @ w_in + ref_out @ w_out.T).argmax(dim=1)
+@M.right("check_merge_group")
+def merge_group_via_experts(w_in, w_gate, w_out, freqs):
+    """Through an Experts module: permute_expert in place, then the package's frequency_weighted_merge."""
+    from moe_course.compress.merging import frequency_weighted_merge, match_neurons, permute_expert
+    from moe_course.layers import Experts
+    n, d, h = w_in.shape
+    ex = Experts(n, d, h, "swiglu")
+    with torch.no_grad():
+        ex.w_in.copy_(w_in); ex.w_gate.copy_(w_gate); ex.w_out.copy_(w_out)
+    order = sorted(range(n), key=lambda i: (-float(freqs[i]), i))
+    ref = order[0]
+    for j in range(n):
+        if j != ref:
+            permute_expert(ex, j, match_neurons(ex.w_in[ref], ex.w_out[ref], ex.w_in[j], ex.w_out[j],
+                                                ex.w_gate[ref], ex.w_gate[j]))
+    return tuple(frequency_weighted_merge(t.detach(), freqs) for t in (ex.w_in, ex.w_gate, ex.w_out))
 
 
-@M.wrong("check_match_neurons", "does not maximise")
-def match_greedy_sequential(ref_in, ref_out, w_in, w_out):
-    """Greedy: each reference neuron in turn takes its best remaining partner."""
-    c = (ref_in.T @ w_in + ref_out @ w_out.T).clone()
-    perm = []
-    for a in range(c.shape[0]):
-        b = int(c[a].argmax())
-        perm.append(b)
-        c[:, b] = float("-inf")
-    return torch.tensor(perm)
+@M.wrong("check_merge_group", "gate")
+def merge_group_no_gate(w_in, w_gate, w_out, freqs):
+    """Aligned without the gate term (the old exercise's matching)."""
+    return _merge(w_in, w_gate, w_out, freqs, gate=False)
 
 
-@M.wrong("check_match_neurons", "does not maximise")
-def match_output_term_transposed(ref_in, ref_out, w_in, w_out):
-    """The output term transposed (w_out @ ref_out.T): rows and columns of that term swapped."""
-    return _lap(ref_in.T @ w_in + w_out @ ref_out.T)
+@M.wrong("check_merge_group", "without aligning")
+def merge_group_no_align(w_in, w_gate, w_out, freqs):
+    """Averaged without alignment."""
+    return _merge(w_in, w_gate, w_out, freqs, align=False)
 
 
-# ------------------------------------------------------------------ 8.2 frequency_weighted_merge
-@M.right("check_frequency_weighted_merge")
-def merge_broadcast(weights, freqs):
-    """Broadcast multiply and sum, all-zero case via torch.where."""
-    f = freqs.float()
-    total = f.sum()
-    f = torch.where(total > 0, f / total.clamp_min(1e-30), torch.full_like(f, 1 / f.numel()))
-    return (f.view(-1, *([1] * (weights.dim() - 1))) * weights).sum(0)
+@M.wrong("check_merge_group", "first member")
+def merge_group_first_ref(w_in, w_gate, w_out, freqs):
+    """Aligned to member 0 instead of the dominant one."""
+    return _merge(w_in, w_gate, w_out, freqs, ref_first=True)
 
 
-@M.wrong("check_frequency_weighted_merge", "uniform average")
-def merge_uniform(weights, freqs):
-    """Plain mean."""
-    return weights.mean(0)
+@M.wrong("check_merge_group", "uniform average")
+def merge_group_uniform(w_in, w_gate, w_out, freqs):
+    """Uniform weights."""
+    return _merge(w_in, w_gate, w_out, freqs, uniform=True)
 
 
-@M.wrong("check_frequency_weighted_merge", "not normalised")
-def merge_unnormalised(weights, freqs):
-    """sum f_j W_j without dividing by sum f_j."""
-    return torch.tensordot(freqs.to(weights.dtype), weights, dims=1)
+@M.wrong("check_merge_group", "not normalised")
+def merge_group_raw(w_in, w_gate, w_out, freqs):
+    """Frequencies not normalised."""
+    return _merge(w_in, w_gate, w_out, freqs, raw=True)
 
 
-@M.wrong("check_frequency_weighted_merge", "0/0")
-def merge_nan_on_zero(weights, freqs):
-    """No guard: 0/0 for an unused group."""
-    f = freqs.to(weights.dtype)
-    return torch.tensordot(f / f.sum(), weights, dims=1)
+@M.wrong("check_merge_group", "inverse permutation")
+def merge_group_inverse(w_in, w_gate, w_out, freqs):
+    """The inverse permutation applied."""
+    return _merge(w_in, w_gate, w_out, freqs, inverse=True)
 
 
-@M.wrong("check_frequency_weighted_merge", "uniform average instead")
-def merge_zero_on_zero(weights, freqs):
-    """An unused group merges to zeros."""
-    f = freqs.to(weights.dtype)
-    if f.sum() == 0:
-        return torch.zeros_like(weights[0])
-    return torch.tensordot(f / f.sum(), weights, dims=1)
+@M.wrong("check_merge_group", "w_out[perm]")
+def merge_group_out_unpermuted(w_in, w_gate, w_out, freqs):
+    """w_out left unpermuted."""
+    return _merge(w_in, w_gate, w_out, freqs, permute_out=False)
 
 
-@M.wrong("check_frequency_weighted_merge", "number of experts")
-def merge_divided_by_n(weights, freqs):
-    """Divided by the number of experts n instead of sum f."""
-    f = freqs.to(weights.dtype)
-    return torch.tensordot(f, weights, dims=1) / weights.shape[0]
-
-
-@M.wrong("check_frequency_weighted_merge", "softmax")
-def merge_softmax_weights(weights, freqs):
-    """softmax(freqs) as merge weights."""
-    return torch.tensordot(torch.softmax(freqs.to(weights.dtype), 0), weights, dims=1)
-
-
-@M.wrong("check_frequency_weighted_merge", "shape")
-def merge_keeps_expert_axis(weights, freqs):
-    """Weights each expert but does not sum over the group: shape [n, ...]."""
-    f = freqs.to(weights.dtype)
-    f = f / f.sum() if f.sum() > 0 else torch.full_like(f, 1 / f.numel())
-    return f.view(-1, *([1] * (weights.dim() - 1))) * weights
+@M.wrong("check_merge_group", "every frequency is 0")
+def merge_group_nan_on_zero(w_in, w_gate, w_out, freqs):
+    """No fallback: 0/0 when every frequency is 0."""
+    n = w_in.shape[0]
+    if float(freqs.sum()) <= 0:
+        w = freqs.double() / freqs.double().sum()
+        return tuple(torch.tensordot(w.to(t.dtype), t, dims=1) for t in (w_in, w_gate, w_out))
+    return _merge(w_in, w_gate, w_out, freqs)
