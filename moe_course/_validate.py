@@ -85,7 +85,7 @@ def positive_int(name: str, value: Any, allow_none: bool = False) -> int | None:
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: expected a positive int{' or None' if allow_none else ''}, got {value!r}")
+        raise ValueError(f"{name}: expected {'None or ' if allow_none else ''}a positive int, got {value!r}")
     return value
 
 

@@ -442,7 +442,7 @@ row("format_bytes/negative", ME.format_bytes, VE, r"n: expected a number of byte
 row("format_bytes/nan", ME.format_bytes, VE, r"n: expected a number of bytes >= 0, got nan", NAN)
 row("format_count/str", ME.format_count, VE, r"n: expected a number, got 'ten'", "ten")
 row("size_report/not module", ME.size_report, TE, r"model: expected an nn.Module, got str", "model")
-row("size_report/context_length", ME.size_report, VE, r"context_length: expected a positive int or None, got 0", LM, 0)
+row("size_report/context_length", ME.size_report, VE, r"context_length: expected None or a positive int, got 0", LM, 0)
 row("latency/repeats", ME.latency, VE, r"repeats: expected a positive int, got 0", LM, torch.zeros(1, 4, dtype=torch.long), repeats=0)
 row("latency/warmup", ME.latency, VE, r"warmup: expected an int >= 0, got -1", LM, torch.zeros(1, 4, dtype=torch.long), warmup=-1)
 row("latency/model None", ME.latency, TE, r"model: expected an nn.Module \(None is allowed only when batch is a callable\)",
@@ -450,7 +450,7 @@ row("latency/model None", ME.latency, TE, r"model: expected an nn.Module \(None 
 row("latency/model type", ME.latency, TE, r"model: expected an nn.Module or None, got str", "lm", lambda: None)
 row("routing_stats/dense", ME.routing_stats, VE, r"model: MoETransformerLM has no MoE layers", DENSE, CAL)
 row("routing_stats/batch_size", ME.routing_stats, VE, r"batch_size: expected a positive int, got 0", LM, CAL, batch_size=0)
-row("routing_stats/max_batches", ME.routing_stats, VE, r"max_batches: expected a positive int or None, got 0", LM, CAL, max_batches=0)
+row("routing_stats/max_batches", ME.routing_stats, VE, r"max_batches: expected None or a positive int, got 0", LM, CAL, max_batches=0)
 row("routing_stats/max_tokens", ME.routing_stats, VE, r"max_tokens: expected an int >= 0, got -5", LM, CAL, max_tokens=-5)
 row("routing_stats/empty", ME.routing_stats, VE, r"data: no batches \(or no tokens\) to route", LM, EMPTY_CAL)
 row("routing_stats/data type", ME.routing_stats, TE, r"data: expected a datasets.Dataset, a tensor, a dict of tensors or an iterable",

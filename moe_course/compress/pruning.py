@@ -115,9 +115,7 @@ def csr_bytes(dense: torch.Tensor, index_bytes: int = 8, value_bytes: int | None
         raise ValueError("dense: expected a tensor with at least one dimension")
     if index_bytes not in (2, 4, 8):
         raise ValueError(f"index_bytes: expected 2, 4 or 8, got {index_bytes!r}")
-    if value_bytes is not None:
-        if isinstance(value_bytes, bool) or not isinstance(value_bytes, int) or value_bytes < 1:
-            raise ValueError(f"value_bytes: expected None or a positive int, got {value_bytes!r}")
+    _validate.positive_int("value_bytes", value_bytes, allow_none=True)
     value_bytes = dense.element_size() if value_bytes is None else value_bytes
     rows = dense.numel() // dense.shape[-1] if dense.dim() > 1 else 1
     nnz = int(torch.count_nonzero(dense))

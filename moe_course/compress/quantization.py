@@ -198,8 +198,7 @@ def bits_per_weight(bits: int, group_size: int | None, in_features: int, scale_b
                     zero_bits: int = 8) -> float:
     """Storage bits per weight: ``b`` plus one fp16 scale and one uint8 zero point per group."""
     _check_bits(bits)
-    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1):
-        raise ValueError(f"group_size: expected None or a positive int, got {group_size!r}")
+    _validate.positive_int("group_size", group_size, allow_none=True)
     _validate.int_in("in_features", in_features, 1)
     g = in_features if group_size is None else group_size
     return bits + (scale_bits + zero_bits) / g
@@ -245,8 +244,7 @@ class QuantizedExperts(_Packed, CompressedExperts):
         if isinstance(experts, Experts) and type(experts) is not Experts:
             raise TypeError(f"experts: expected dense moe_course.layers.Experts, got {type(experts).__name__} "
                             "(quantize once, as the last step, from the dense weights)")
-        if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1):
-            raise ValueError(f"group_size: expected None or a positive int, got {group_size!r}")
+        _validate.positive_int("group_size", group_size, allow_none=True)
         CompressedExperts.__init__(self, experts)  # only packed buffers, no fp32 parameters
         E, d, h = self._sizes
         per_expert = [bits] * E if isinstance(bits, int) and not isinstance(bits, bool) else list(bits)
@@ -472,11 +470,6 @@ def _packed_like(bits: int, group_size: int | None, symmetric: bool = False,
     return replace
 
 
-def _check_group_size(group_size) -> None:
-    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1):
-        raise ValueError(f"group_size: expected None or a positive int, got {group_size!r}")
-
-
 def quantize(
     model: nn.Module,
     bits: int | Sequence[int | Sequence[int]],
@@ -507,7 +500,7 @@ def quantize(
     _validate.dense_experts(layers, "quantize")  # quantizing twice / after factorizing: refuse
     if targets not in TARGETS:
         raise ValueError(f"targets: expected one of {TARGETS}, got {targets!r}")
-    _check_group_size(group_size)
+    _validate.positive_int("group_size", group_size, allow_none=True)
     _check_bits(other_bits, "other_bits")
     per_layer = _layer_bits(bits, layers)
     for layer in layers:
@@ -546,7 +539,7 @@ def quantize_rest(model: nn.Module, bits: int = 8, *, group_size: int | None = 3
     """
     _check_bits(bits, "bits")
     _check_bits(bits if embedding_bits is None else embedding_bits, "embedding_bits")
-    _check_group_size(group_size)
+    _validate.positive_int("group_size", group_size, allow_none=True)
     require_moe_layers(model, "quantize")
     # Checked up front: a NaN found half-way would leave an in-place model half quantized.
     _validate.finite_model(model)
