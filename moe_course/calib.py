@@ -35,7 +35,7 @@ import torch.nn as nn
 from moe_course import _validate
 from moe_course.data import batches as dataset_batches
 from moe_course.device import model_device, to_device
-from moe_course.layers import MoELayer, moe_layers, require_moe_layers
+from moe_course.layers import MoELayer, require_moe_layers
 
 __all__ = ["iter_batches", "calib_batches", "count_tokens", "forward", "evaluating", "run", "layer_inputs",
            "LayerCapture", "capture_experts", "Coverage", "coverage"]
