@@ -9,7 +9,7 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = (
-    "cli", "compress", "data", "device", "dispatch", "exercises", "factorized", "grading", "layers",
+    "cli", "compress", "data", "device", "dispatch", "exercises", "factorized", "grading", "hf", "layers",
     "losses", "metrics", "models", "progress", "train", "viz", "zoo",
 )
 

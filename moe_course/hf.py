@@ -92,10 +92,11 @@ A directory that :func:`save_pretrained` writes when the model holds packed modu
 ``QuantizedEmbedding``):
 
 * ``config.json``: the transformers config of the model (as :func:`to_hf` would write it) with a
-  ``quantization_config = {"quant_method": "moe_course_packed", ...}`` entry, so plain
-  ``transformers.AutoModelForCausalLM.from_pretrained`` refuses it loudly instead of loading random
-  experts;
-* ``model.safetensors``: every other tensor under its transformers name (full precision);
+  ``quantization_config = {"quant_method": "moe_course_packed", ...}`` entry that names the format;
+* ``moe_course_model.safetensors`` (transformers' ``model.safetensors`` renamed, shards and index
+  too): every other tensor under its transformers name, full precision. The rename makes plain
+  ``transformers.AutoModelForCausalLM.from_pretrained`` fail ("no file named model.safetensors")
+  instead of loading freshly initialised experts with only a warning;
 * ``moe_course_packed.safetensors``: for each packed module, its buffers (``{name}{i}_codes`` uint8,
   ``{name}{i}_scale`` fp16, ``{name}{i}_zero`` uint8 for ``name`` in ``in`` (= up), ``gate``,
   ``out`` (= down), expert ``i``; rows ``[out_features, in_features]`` as in transformers, groups
@@ -114,6 +115,7 @@ import itertools
 import json
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -130,6 +132,7 @@ __all__ = ["ARCHITECTURES", "HFSparseMoE", "from_hf", "to_hf", "is_bridged", "sa
 PACKED_FORMAT = "moe-course-packed"
 PACKED_VERSION = 1
 PACKED_FILE = "moe_course_packed.safetensors"
+WEIGHTS_PREFIX = "moe_course_"  # model.safetensors is saved as moe_course_model.safetensors
 QUANT_METHOD = "moe_course_packed"
 
 
@@ -773,9 +776,10 @@ def _to_hf(model: nn.Module, *, materialize: bool, inplace: bool, placeholder: b
     for i, layer in enumerate(obase.layers):
         block = getattr(layer, arch.block)
         if isinstance(block, Skipped):
-            first_moe = getattr(moe[0][1], "hf_block_class")
-            with torch.device("meta"):
-                mlp = _dense_mlp(first_moe, cfg, 0)
+            dev = layer.input_layernorm.weight.device
+            with torch.device(dev), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Initializing zero-element tensors is a no-op")
+                mlp = _dense_mlp(moe[0][1].hf_block_class, cfg, 0)  # zero-width: computes exactly 0
             nn.Module.__setattr__(layer, arch.block, mlp)
             if isinstance(layer.post_attention_layernorm, nn.Identity):
                 norm = type(layer.input_layernorm)(cfg.hidden_size, eps=cfg.rms_norm_eps)
@@ -849,6 +853,10 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, **kwarg
     if not packed:
         to_hf(model).save_pretrained(save_directory, **kwargs)
         return
+    if os.path.isdir(save_directory):  # files of an earlier packed save that this one would not overwrite
+        for name in os.listdir(save_directory):
+            if name.startswith(WEIGHTS_PREFIX):
+                os.remove(os.path.join(save_directory, name))
     plain = _to_hf(model, materialize=False, inplace=False, placeholder=True)
     state = {k: v for k, v in plain.state_dict().items() if not v.is_meta}
     from .compress.merging import MergedRouter  # noqa: PLC0415
@@ -866,6 +874,11 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, **kwarg
         plain.save_pretrained(save_directory, state_dict=state, **kwargs)
     finally:
         del plain.config.quantization_config
+    # Hide the weights from plain transformers, which would otherwise load the directory with
+    # freshly initialised experts in place of the packed ones (and only warn).
+    for name in os.listdir(save_directory):
+        if name.startswith("model") and (name.endswith(".safetensors") or name.endswith(".safetensors.index.json")):
+            os.replace(os.path.join(save_directory, name), os.path.join(save_directory, WEIGHTS_PREFIX + name))
     tensors = {f"{name}.{b}": t.detach().contiguous().cpu()
                for name, m in packed.items() for b, t in itertools.chain(m.named_buffers(), m.named_parameters())}
     save_file(tensors, os.path.join(save_directory, PACKED_FILE),
@@ -893,13 +906,27 @@ def from_pretrained(path: str | os.PathLike, *, dispatch: str = "auto", **kwargs
     if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
         raise ValueError(f"path: {PACKED_FILE} found but config.json has no {QUANT_METHOD} quantization_config")
     del config.quantization_config
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for name in sorted(os.listdir(path)):
+        if name.startswith(WEIGHTS_PREFIX + "model") and name.endswith(".safetensors"):
+            state.update(load_file(os.path.join(path, name)))
+    if not state:
+        raise ValueError(f"path: no {WEIGHTS_PREFIX}model*.safetensors next to {PACKED_FILE}")
     logger = transformers.utils.logging
     verbosity = logger.get_verbosity()
-    logger.set_verbosity_error()  # the packed weights are "missing" from model.safetensors by design
+    logger.set_verbosity_error()  # the packed weights are "missing" from the plain state by design
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
+        arch_name = (getattr(config, "architectures", None) or [None])[0]
+        cls = getattr(transformers, arch_name, None) if arch_name else None
+        if cls is None:
+            from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+            cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+        model = cls.from_pretrained(None, config=config, state_dict=state, **kwargs)
     finally:
         logger.set_verbosity(verbosity)
+    del state
     model = from_hf(model, dispatch=dispatch, inplace=True)
     with safe_open(packed_file, framework="pt") as f:
         info = f.metadata() or {}
