@@ -210,6 +210,10 @@ class HFSparseMoE(SparseMoE):
     ``w_s [1, d_model]`` is Qwen2-MoE's sigmoid gate on the shared expert (``None`` elsewhere), a
     plain parameter (not an ``nn.Linear``), so quantizers that replace ``nn.Linear`` layers leave it
     in full precision like the router. The shared experts may be wider than the routed ones.
+
+    ``last_routing`` is recorded on every forward; the balance and z losses (``aux_losses``) only in
+    training mode: in eval mode they cost a token as much as its eight experts (measured by
+    ``bench/hf_forward.py``), and only training reads them.
     """
 
     def __init__(self, d_model: int, num_experts: int, d_hidden: int, k: int = 2, renormalize: bool = True,
@@ -235,7 +239,10 @@ class HFSparseMoE(SparseMoE):
             if self.shared_gate is not None:
                 s = torch.sigmoid(F.linear(flat, self.shared_gate)) * s
             y = y + s
-        self._record(r)
+        if self.training:
+            self._record(r)
+        else:  # the aux losses only serve training; at decode they cost as much as the experts
+            self.last_routing, self.aux_losses = r.detach(), {}
         return y.reshape(x.shape)
 
     def _extra_active(self) -> tuple[int, int]:
@@ -316,6 +323,7 @@ def _bridge_block(block: nn.Module, kind: str, arch: _Arch, cfg: Any, dispatch: 
                 raise NotImplementedError("model: a shared-expert gate with a bias is not bridged")
             layer.shared_gate = gate.weight          # the same parameter: no copy
     layer.hf_block_class = type(block)
+    layer.train(block.training)
     for name, t in itertools.chain(layer.named_parameters(), layer.named_buffers()):
         if t.is_meta:  # pragma: no cover - a new kind of block tensor we do not map
             raise NotImplementedError(f"model: {type(block).__name__}.{name} is not mapped by the bridge")
