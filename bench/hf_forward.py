@@ -100,6 +100,17 @@ def main() -> None:
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {device} {args.dtype}, "
           f"threads {torch.get_num_threads()}; OLMoE/{args.scale}: hidden {cfg.hidden_size}, expert width "
           f"{cfg.intermediate_size}, {cfg.num_experts} experts, top-{cfg.num_experts_per_tok}, {args.layers} layers")
+    with torch.inference_mode():  # the same function first: logits of every variant against transformers'
+        x = torch.randint(0, cfg.vocab_size, (2, 33), generator=torch.Generator().manual_seed(0)).to(device)
+        model.config._experts_implementation = "eager"
+        ref = model(input_ids=x).logits.float()
+        model.config._experts_implementation = "grouped_mm"
+        scale = float(ref.abs().max())
+        diffs = {"hf:grouped_mm": float((model(input_ids=x).logits.float() - ref).abs().max())}
+        for d, b in bridged.items():
+            diffs[f"course:{d}"] = float((b(input_ids=x).logits.float() - ref).abs().max())
+    print("max |logits - hf:eager logits| (max |logit| " + f"{scale:.3g}): "
+          + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
     for whole in (False, True):
         for tokens in args.tokens:
             big = tokens * cfg.hidden_size * cfg.intermediate_size > 2**27 and device.type == "cpu"
