@@ -10,24 +10,27 @@ every function of :mod:`moe_course.compress` and :mod:`moe_course.metrics` works
 Supported architectures (``config.model_type``) and what their MoE block computes, with ``p =
 softmax(x W_g^T)`` and ``TopK`` the ``k`` largest entries:
 
-=============  ====================================================  ===============================
-model_type     routed part (paper)                                   always-on part
-=============  ====================================================  ===============================
-mixtral        ``TopK(p)`` renormalised (Jiang et al. 2024)          --
-qwen2_moe      ``TopK(p)``, renormalised iff ``norm_topk_prob``      one shared SwiGLU expert times
-                                                                     ``sigmoid(x w_s)`` (Qwen1.5-MoE)
-qwen3_moe      ``TopK(p)``, renormalised iff ``norm_topk_prob``      --
-olmoe          ``TopK(p)``, renormalised iff ``norm_topk_prob``      --
-               (Muennighoff et al. 2024)
-deepseek_v2    ``routed_scaling_factor * TopK(p)``, greedy top-k     ``n_shared_experts`` shared
-               (DeepSeekMoE, Dai et al. 2024; DeepSeek-V2)          experts (one MLP of width
-                                                                     ``n_shared * I`` = their sum)
-granitemoe     ``softmax(TopK(x W_g^T))`` = ``TopK(p)`` renormalised  --
-=============  ====================================================  ===============================
+* ``mixtral`` (Jiang et al. 2024): ``TopK(p)`` renormalised;
+* ``qwen2_moe`` (Qwen1.5-MoE): ``TopK(p)``, renormalised iff ``norm_topk_prob``, plus one shared
+  SwiGLU expert (its own width) times ``sigmoid(x w_s)``;
+* ``qwen3_moe``: ``TopK(p)``, renormalised iff ``norm_topk_prob``;
+* ``olmoe`` (Muennighoff et al. 2024): ``TopK(p)``, renormalised iff ``norm_topk_prob``;
+* ``deepseek_v2`` (DeepSeekMoE, Dai et al. 2024; DeepSeek-V2-Lite): ``routed_scaling_factor *
+  TopK(p)`` with greedy top-k, plus ``n_shared_experts`` always-on experts (one MLP of width
+  ``n_shared * I``, which is their sum);
+* ``granitemoe``: ``softmax(TopK(x W_g^T))``, which is ``TopK(p)`` renormalised.
 
 Every expert is SwiGLU, ``E_i(x) = W^{down}_i (\mathrm{silu}(W^{gate}_i x) \odot W^{up}_i x)``
 (Shazeer 2020). Dense decoder layers (DeepSeek's ``first_k_dense_replace``, Qwen's
 ``mlp_only_layers``) stay transformers modules.
+
+In float32 the bridged logits equal transformers' to rounding (``tests/test_hf.py``: every
+architecture above, 1 to 64 tokens, every dispatch strategy, to 1e-5). The course's router
+computes its logits in float32 whatever the weights' dtype; transformers' Mixtral, Qwen and OLMoE
+routers compute them in the weights' dtype, so in bf16 a near-tie between two experts can
+resolve differently. Not reproduced: Mixtral's training-time router jitter, DeepSeek's
+group-limited routing (DeepSeek-V2 ``group_limited_greedy``, DeepSeek-V3's sigmoid router),
+``output_router_logits``.
 
 Layouts, and what shares storage
 --------------------------------

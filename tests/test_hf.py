@@ -205,6 +205,19 @@ def test_roundtrip_after_layer_drop(arch, tmp_path):
     back, _ = _reload(fewer, tmp_path, "layers")
     assert back.config.intermediate_size == 0 and len(back.config.mlp_only_layers) == 1
     close(logits(back), logits(fewer))
+    fewer.save_pretrained(tmp_path / "direct")  # a bridged model's own save_pretrained goes through the bridge
+    close(logits(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "direct")), logits(fewer))
+
+
+def test_inplace_bridging_and_back():
+    torch.manual_seed(0)
+    m = transformers.AutoModelForCausalLM.from_config(_config("olmoe")).eval()
+    ref = logits(m)
+    b = hf.from_hf(m, inplace=True)
+    assert b is m and hf.is_bridged(m) and len(moe_layers(m)) == 2
+    h = hf.to_hf(m, inplace=True)
+    assert h is m and not hf.is_bridged(m) and not moe_layers(m)
+    close(logits(m), ref, tol=0)
 
 
 def _dir_bytes(path: Path) -> int:
