@@ -181,5 +181,10 @@ def dispatch(
         raise ValueError(f"keep: expected shape {tuple(indices.shape)}, got {tuple(keep.shape)}")
     if keep is not None and keep.dtype != torch.bool:
         raise TypeError(f"keep: expected a bool mask, got {keep.dtype}")
-    impl = _IMPL[resolve_strategy(strategy, x.device, indices.numel())]
-    return impl(x, weights.to(x.dtype), indices, experts, keep)
+    resolved = resolve_strategy(strategy, x.device, indices.numel())
+    # Experts stored in a packed format bring their own kernels (e.g. QuantizedExperts: torch's
+    # weight-only int8/int4 matmuls), so "auto" and "loop" never dequantize all experts to run k.
+    runs_kernels = getattr(experts, "runs_kernels", None)
+    if runs_kernels is not None and (strategy == "auto" or resolved == "loop") and runs_kernels(x):
+        return experts.kernel_forward(x, weights.to(x.dtype), indices, keep)
+    return _IMPL[resolved](x, weights.to(x.dtype), indices, experts, keep)

@@ -162,5 +162,5 @@ def environment_summary() -> dict[str, str]:
             out[dist] = version(dist)
         except PackageNotFoundError:
             out[dist] = "not installed"
-    out["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS", "unset")
+    out["omp threads"] = os.environ.get("OMP_NUM_THREADS", "unset")
     return out

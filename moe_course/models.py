@@ -275,13 +275,50 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.proj = nn.Linear(d_model, d_model)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: "KVCache.Layer | None" = None) -> torch.Tensor:
         b, t, d = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        mask, causal = None, self.causal
+        if cache is not None:  # decoding: keys and values of earlier tokens come from the cache
+            k, v = cache.append(k, v)
+            past = k.shape[2] - t
+            if past and t > 1:  # queries at positions past..past+t-1 see keys up to their own position
+                mask = torch.ones(t, past + t, dtype=torch.bool, device=x.device).tril(diagonal=past)
+                causal = False
+            elif past:  # one new token sees every cached key
+                causal = False
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=self.causal, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0
         )
         return self.proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, one entry per attention layer (decoding).
+
+    ``generate`` fills it with the prompt (prefill), then runs one new token per step, so each step
+    costs one token's compute instead of the whole context's. ``length`` is the number of cached
+    positions; the next token's position is ``length``.
+    """
+
+    class Layer:
+        def __init__(self) -> None:
+            self.k: torch.Tensor | None = None
+            self.v: torch.Tensor | None = None
+
+        def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            """Add ``[B, H, t, d_head]`` keys/values; return all of them so far."""
+            self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+            self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+            return self.k, self.v
+
+    def __init__(self, n_layers: int) -> None:
+        self.layers = [KVCache.Layer() for _ in range(n_layers)]
+        self.length = 0
+
+    def nbytes(self) -> int:
+        """Bytes held by the cached keys and values."""
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in (layer.k, layer.v) if t is not None)
 
 
 class DepthwiseConvMixer(nn.Module):
@@ -310,9 +347,10 @@ class Block(nn.Module):
         self.ffn = make_ffn(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache.Layer | None = None) -> torch.Tensor:
         if self.mixer is not None:
-            x = x + self.drop(self.mixer(self.ln_mix(x)))
+            mixed = self.mixer(self.ln_mix(x)) if cache is None else self.mixer(self.ln_mix(x), cache)
+            x = x + self.drop(mixed)
         return x + self.drop(self.ffn(self.ln_ffn(x)))
 
 
@@ -400,20 +438,25 @@ class MoETransformerLM(_MoEModel):
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self._init_weights()
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """``[B, T] -> [B, T, vocab]``; with ``cache`` the ids continue the cached positions (decoding)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids: expected shape [B, T], got {tuple(input_ids.shape)}")
         if input_ids.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
         t = input_ids.shape[1]
-        if not 1 <= t <= self.config.context_length:
+        start = 0 if cache is None else cache.length
+        if not 1 <= start + t <= self.config.context_length or t < 1:
             raise ValueError(
-                f"input_ids: sequence length must be in [1, context_length={self.config.context_length}], got {t}"
+                f"input_ids: sequence length must be in [1, context_length={self.config.context_length}], "
+                f"got {t}" + (f" after {start} cached positions" if start else "")
             )
-        pos = torch.arange(t, device=input_ids.device)
+        pos = torch.arange(start, start + t, device=input_ids.device)
         x = self.drop(self.tok_emb(input_ids) + self.pos_emb(pos))
-        for block in self.blocks:
-            x = block(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if cache is None else cache.layers[i])
+        if cache is not None:
+            cache.length += t
         return F.linear(self.ln_f(x), self.tok_emb.weight)
 
     def compute_loss(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -440,16 +483,25 @@ class MoETransformerLM(_MoEModel):
         temperature: float = 1.0,
         top_k: int | None = None,
         generator: torch.Generator | None = None,
+        use_cache: bool = True,
     ) -> torch.Tensor:
         """Sample ``max_new_tokens`` continuations autoregressively (temperature 0 = greedy).
 
         ``prompt_ids`` is a list, a ``[T]`` or a ``[B, T]`` tensor; the result has the same rank and
         includes the prompt. The window slides over the last ``context_length`` ids.
+
+        ``use_cache=True`` keeps a :class:`KVCache`: the prompt is encoded once (prefill), then each
+        step runs only the newest token. Positions are learned and absolute, so a cache cannot slide:
+        once the text is longer than ``context_length``, every step re-encodes the last
+        ``context_length`` ids, exactly as ``use_cache=False`` does for every step. Both give the same
+        tokens (up to float rounding in near-ties; a capacity factor would route only the new token).
         """
         _check_int("max_new_tokens", max_new_tokens, lo=0)
         _check_float("temperature", temperature)
         if top_k is not None:
             _check_int("top_k", top_k)
+        if not isinstance(use_cache, bool):
+            raise TypeError(f"use_cache must be a bool, got {type(use_cache).__name__}")
         device = next(self.parameters()).device
         ids = torch.as_tensor(prompt_ids, dtype=torch.long, device=device)
         squeeze = ids.dim() == 1
@@ -463,9 +515,16 @@ class MoETransformerLM(_MoEModel):
             raise ValueError(f"prompt_ids: expected token ids in [0, vocab_size={self.config.vocab_size}), got {bad}")
         was_training = self.training
         self.eval()
+        ctx, cache = self.config.context_length, None
         try:
             for _ in range(max_new_tokens):
-                logits = self(ids[:, -self.config.context_length :])[:, -1].float()
+                if not use_cache:
+                    logits = self(ids[:, -ctx:])[:, -1].float()
+                elif cache is None or cache.length >= ctx:  # prefill (or re-encode a full window)
+                    cache = KVCache(len(self.blocks))
+                    logits = self(ids[:, -ctx:], cache)[:, -1].float()
+                else:  # decode: only the newest token
+                    logits = self(ids[:, -1:], cache)[:, -1].float()
                 if temperature == 0:
                     nxt = logits.argmax(-1, keepdim=True)
                 else:
@@ -631,6 +690,7 @@ __all__ = [
     "SelfAttention",
     "Block",
     "MoETransformerLM",
+    "KVCache",
     "MoEClassifier",
     "preset",
     "model_from_config",

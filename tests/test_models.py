@@ -255,3 +255,37 @@ def test_presets_are_fresh_objects():
     a, _ = preset("cpu", "mnist1d-moe")
     a.k = 1
     assert preset("cpu", "mnist1d-moe")[0].k == 2
+
+
+# ------------------------------------------------------------------------------ KV-cache decoding
+@pytest.mark.parametrize("prompt_len, new", [(3, 20), (10, 30)])  # the second runs past the context of 24
+def test_kv_cache_decoding_gives_the_same_tokens_as_recomputing(prompt_len, new):
+    from moe_course.models import LMConfig, MoETransformerLM
+
+    torch.manual_seed(0)
+    cfg = LMConfig(vocab_size=17, d_model=32, n_layers=2, n_heads=4, num_experts=4, k=2, d_hidden=32,
+                   context_length=24, activation="swiglu")
+    model = MoETransformerLM(cfg).eval()
+    prompt = torch.randint(0, 17, (2, prompt_len))
+    cached = model.generate(prompt, max_new_tokens=new, temperature=0)
+    plain = model.generate(prompt, max_new_tokens=new, temperature=0, use_cache=False)
+    assert torch.equal(cached, plain)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert torch.equal(model.generate(prompt, new, temperature=1.0, generator=g1),
+                       model.generate(prompt, new, temperature=1.0, generator=g2, use_cache=False))
+
+
+def test_kv_cache_logits_equal_a_full_forward():
+    from moe_course.models import KVCache, LMConfig, MoETransformerLM
+
+    torch.manual_seed(1)
+    model = MoETransformerLM(LMConfig(vocab_size=11, d_model=16, n_layers=2, n_heads=2, num_experts=4, k=2,
+                                      d_hidden=16, context_length=16)).eval()
+    ids = torch.randint(0, 11, (3, 12))
+    full = model(ids)
+    cache = KVCache(2)
+    parts = [model(ids[:, :5], cache), model(ids[:, 5:6], cache), model(ids[:, 6:9], cache), model(ids[:, 9:], cache)]
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-5, atol=1e-5)
+    assert cache.length == 12 and cache.nbytes() == 2 * 2 * 3 * 12 * 16 * 4  # layers x (k, v) x B x T x d x fp32
+    with pytest.raises(ValueError, match="after 12 cached positions"):
+        model(ids[:, :5], cache)  # 12 + 5 > context_length 16

@@ -190,3 +190,31 @@ def test_bad_arguments_raise_clear_errors():
         pack_codes(torch.tensor([16], dtype=torch.uint8), 4)
     with pytest.raises(TypeError, match="experts"):
         QuantizedExperts(nn.Linear(2, 2), 4)
+
+
+# ------------------------------------------------------------------------------ packed-weight kernels
+@pytest.mark.parametrize("bits, group_size, kind", [(8, None, "int8"), (4, 32, "int4"), (4, 64, "int4"),
+                                                    (3, 32, "dequant"), (8, 32, "dequant")])
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_kernel_path_equals_dequantize_then_matmul(bits, group_size, kind, activation):
+    """With bf16 activations, dispatch 'auto' runs QuantizedExperts through torch's int8/int4 weight-only
+    kernels: the same function as dequantizing every expert and running the float loop, up to bf16
+    rounding; fp32 activations keep the dequantize-then-matmul path."""
+    from moe_course.compress.quantization import QuantizedExperts
+    from moe_course.dispatch import capacity_mask, dispatch
+    from moe_course.layers import Experts
+
+    torch.manual_seed(0)
+    experts = QuantizedExperts(Experts(6, 64, 128, activation), bits, group_size=group_size)
+    assert {experts.kernel_kind(e) for e in range(6)} == {kind}
+    x = torch.randn(37, 64)
+    weights, indices = torch.softmax(torch.randn(37, 6), -1).topk(2, dim=-1)
+    keep = capacity_mask(indices, 6, 9)
+    for k in (None, keep):
+        fast = dispatch(x, weights, indices, experts, "auto", k)
+        slow = dispatch(x, weights, indices, experts, "naive", k)  # dequantizes the whole stack
+        torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-4)
+    # bf16 activations run the kernels: the same function up to bf16 rounding
+    bf16 = dispatch(x.bfloat16(), weights, indices, experts, "auto").float()
+    want = dispatch(x, weights, indices, experts, "naive")
+    assert (bf16 - want).abs().max() <= 0.02 * want.abs().max()

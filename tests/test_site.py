@@ -142,9 +142,9 @@ def browser():
 class _Tab:
     """One browser tab that records what went wrong while it loads pages of the site."""
 
-    def __init__(self, browser, base: str):
+    def __init__(self, browser, base: str, width: int = 1280, height: int = 900):
         self.base = base
-        self.context = browser.new_context(viewport={"width": 1280, "height": 900})
+        self.context = browser.new_context(viewport={"width": width, "height": height})
         self.context.set_default_timeout(PAGE_TIMEOUT_MS)
         self.outside: list[str] = []
         self.problems: list[str] = []
@@ -352,3 +352,157 @@ def test_search_finds_each_chapter_by_a_word_of_its_title(browser, site):
     finally:
         tab.close()
     assert not missing, f"search did not list the chapter for its own title word: {missing}"
+
+
+# --- results shown whole: nothing wider than its column -------------------------------------------
+
+# Outputs, tables and display equations that do not fit: wider than the article's column (their
+# box sticks out) or wider inside than their box (the reader must scroll it sideways, or the rest
+# is cut off). Code cells' sources are not checked here.
+_WIDTH_FACTS = """async () => {
+  if (document.querySelector(".math")) {
+    const t0 = Date.now();
+    while (!(window.MathJax && MathJax.startup && MathJax.startup.promise) && Date.now() - t0 < 10000) {
+      await new Promise(r => setTimeout(r, 50));
+    }
+    if (window.MathJax && MathJax.startup && MathJax.startup.promise) await MathJax.startup.promise;
+  }
+  const column = (document.querySelector("article.bd-article") || document.body).getBoundingClientRect();
+  const kinds = {
+    text: ".cell_output .output pre",
+    table: ".cell_output .output.text_html, .cell_output table, article.bd-article table",
+    output: ".cell_output .output",
+    equation: "div.math, mjx-container[display='true']",
+    image: "article.bd-article img",
+  };
+  const found = [];
+  for (const [kind, selector] of Object.entries(kinds)) {
+    for (const el of document.querySelectorAll(selector)) {
+      if (!el.checkVisibility({visibilityProperty: true})) continue;
+      const r = el.getBoundingClientRect();
+      if (r.width === 0) continue;
+      // What the reader sees of the box: cut at every ancestor that clips or scrolls it.
+      let shownRight = r.right;
+      for (let a = el.parentElement; a && a !== document.body; a = a.parentElement) {
+        if (getComputedStyle(a).overflowX !== "visible") shownRight = Math.min(shownRight, a.getBoundingClientRect().right);
+      }
+      found.push({kind, inside: el.scrollWidth - el.clientWidth,
+                  left: r.left - column.left, right: r.right - column.right, viewportRight: shownRight - innerWidth,
+                  text: (el.textContent || el.getAttribute("src") || "").trim().replace(/\\s+/g, " ").slice(0, 70)});
+    }
+  }
+  const root = document.scrollingElement;
+  return {found, pageScroll: root.scrollWidth - root.clientWidth,
+          screens: Math.round(10 * root.scrollHeight / innerHeight) / 10};
+}"""
+
+
+@pytest.fixture(scope="module")
+def widths(browser, site):
+    """``{(page, width): facts}`` for every page of the table of contents at 1400 and 400 px."""
+    base, _ = site
+    facts = {}
+    for width in (1400, 400):
+        tab = _Tab(browser, base, width=width, height=1000)
+        try:
+            for stem in _toc_pages():
+                tab.page.goto(base + f"{stem}.html", wait_until="load")
+                facts[stem, width] = tab.page.evaluate(_WIDTH_FACTS)
+        finally:
+            tab.close()
+    return facts
+
+
+def _describe(items, *keys) -> list[str]:
+    return [f"{i['kind']} {i['text']!r} (+{max(i[k] for k in keys):.0f} px)" for i in items]
+
+
+def test_no_output_table_or_equation_is_wider_than_its_column_at_1400_px(widths):
+    wide = {}
+    for (page, width), f in widths.items():
+        if width != 1400:
+            continue
+        bad = [i for i in f["found"] if i["inside"] > 1 or i["right"] > 1 or i["left"] < -1]
+        if bad:
+            wide[page] = _describe(bad, "inside", "right")
+    assert not wide, "wider than the column at 1400 px (clipped or scrolled sideways):\n" + "\n".join(
+        f"{page}: {items}" for page, items in wide.items())
+    assert sum(len(f["found"]) for (_, w), f in widths.items() if w == 1400) > 200, "no outputs found"
+
+
+def test_a_400_px_phone_never_scrolls_the_page_sideways(widths):
+    """On a phone, text outputs still wrap whole; a table or equation wider than the screen may
+    scroll inside its own box (nothing else could show it at a readable size), but nothing sticks
+    out of the screen and the page itself never scrolls sideways."""
+    problems = {}
+    for (page, width), f in widths.items():
+        if width != 400:
+            continue
+        bad = [f"page scrolls sideways by {f['pageScroll']} px"] if f["pageScroll"] > 1 else []
+        bad += _describe((i for i in f["found"] if i["viewportRight"] > 1 or i["left"] < -1), "viewportRight")
+        bad += _describe((i for i in f["found"] if i["kind"] == "text" and i["inside"] > 1), "inside")
+        if bad:
+            problems[page] = bad
+    assert not problems, "at 400 px:\n" + "\n".join(f"{page}: {items}" for page, items in problems.items())
+
+
+# --- the theme: a menu that opens at every width, one search bar ----------------------------------
+
+# Where the primary sidebar's chapter links are: shown when the first visible link lies inside the
+# viewport and is what the reader would click there (not covered by the page or the header).
+_SIDEBAR_STATE = """() => {
+  const links = [...document.querySelectorAll("#pst-primary-sidebar nav.bd-docs-nav a, "
+                                           + "#pst-primary-sidebar-modal nav.bd-docs-nav a")];
+  const link = links.find(a => a.checkVisibility({visibilityProperty: true, opacityProperty: true}));
+  let shown = false;
+  if (link) {
+    const r = link.getBoundingClientRect();
+    const x = r.left + Math.min(r.width / 2, 20), y = r.top + r.height / 2;
+    shown = r.width > 0 && r.left >= 0 && r.right <= innerWidth && r.top >= 0 && r.bottom <= innerHeight
+            && link.contains(document.elementFromPoint(x, y));
+  }
+  const visible = sel => [...document.querySelectorAll(sel)]
+      .filter(e => e.checkVisibility({visibilityProperty: true}) && e.getBoundingClientRect().width > 0);
+  return {shown, toggles: visible(".primary-toggle").length,
+          searchBars: visible(".search-button-field").length,
+          searchButtons: visible(".search-button__button").length};
+}"""
+
+
+@pytest.mark.parametrize("width", [1400, 400])
+def test_menu_button_opens_the_primary_sidebar(browser, site, width):
+    """The one visible menu button shows the chapter list: on a desktop it hides and re-opens the
+    sidebar; on a phone (sidebar hidden at first) it opens it over the page."""
+    base, _ = site
+    tab = _Tab(browser, base, width=width, height=900)
+    try:
+        page = tab.page
+        page.goto(base + "02_sparse_gating.html", wait_until="load")
+        state = page.evaluate(_SIDEBAR_STATE)
+        assert state["toggles"] == 1, f"{state['toggles']} visible menu buttons at {width} px"
+        button = page.locator(".primary-toggle").filter(visible=True)
+        if width >= 992:  # the themes' desktop breakpoint: the sidebar starts open
+            assert state["shown"], f"the sidebar is not shown at {width} px"
+            button.click()
+            page.wait_for_function(f"() => !({_SIDEBAR_STATE})().shown", timeout=5_000)
+        else:
+            assert not state["shown"], f"the sidebar covers the page at {width} px before any click"
+        button.click()
+        page.wait_for_function(f"() => ({_SIDEBAR_STATE})().shown", timeout=5_000)
+        if width < 992:  # the opened menu works: its links lead to chapters
+            page.locator("#pst-primary-sidebar-modal nav.bd-docs-nav a", has_text="Measuring").first.click()
+            page.wait_for_url("**/03_measuring_moe.html*")
+        assert not tab.problems, tab.problems
+    finally:
+        tab.close()
+
+
+def test_one_search_bar_on_desktop(browser, site):
+    base, _ = site
+    tab = _Tab(browser, base, width=1400, height=900)
+    try:
+        tab.page.goto(base + "02_sparse_gating.html", wait_until="load")
+        state = tab.page.evaluate(_SIDEBAR_STATE)
+    finally:
+        tab.close()
+    assert state["searchBars"] == 1, f"{state['searchBars']} search bars show at 1400 px"

@@ -193,3 +193,26 @@ def test_concurrent_processes_train_only_once(cache):
     lines = [out.strip().splitlines()[-1].split() for out, _ in outputs]
     assert sorted(source for source, _ in lines) == ["source=cache", "source=trained"]
     assert lines[0][1] == lines[1][1]  # both got the weights of the same training run
+
+
+def test_cpu_training_uses_a_fixed_thread_count_and_restores_it(tmp_path, monkeypatch):
+    """Float reductions split by thread: the zoo trains every CPU model with TRAIN_THREADS threads, so the
+    same model (and the book's numbers) comes out on a 1-core VM and on a 16-core laptop."""
+    import torch
+
+    seen = []
+    real_fit = zoo.fit
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(zoo, "fit", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = zoo.pretrained("mnist1d-moe", preset="test", cache_dir=tmp_path, progress=False)
+        assert torch.get_num_threads() == 1  # the caller's setting is back
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [zoo.TRAIN_THREADS] and model.zoo_info["num_threads"] == zoo.TRAIN_THREADS

@@ -228,8 +228,12 @@ class QuantizedExperts(_Packed, CompressedExperts):
     ``group_size=None`` means one scale per output channel. ``num_experts``, ``d_model``,
     ``d_hidden`` and ``params_per_expert`` are the real (unpacked) sizes, so FLOPs and parameter
     counts are unchanged; :meth:`weights` returns the dequantized stacks, so every dispatch
-    strategy, ``experts[i]`` and ``forward_all`` work as before. The dequantization runs on every
-    forward: memory shrinks, compute does not.
+    strategy, ``experts[i]`` and ``forward_all`` work as before (the teaching path: dequantize, then
+    a float matmul). For bf16 activations on the CPU, dispatch ``"auto"`` / ``"loop"`` call
+    :meth:`kernel_forward` instead, which runs only the chosen experts with torch's weight-only
+    kernels straight from the codes (8-bit per channel: ``_weight_int8pack_mm``; 4-bit in groups:
+    ``_weight_int4pack_mm_for_cpu``, the kernels torchao uses on CPU; other formats dequantize just
+    the chosen expert).
     """
 
     def __init__(self, experts: Experts, bits: int | Sequence[int], group_size: int | None = None,
@@ -264,6 +268,81 @@ class QuantizedExperts(_Packed, CompressedExperts):
     @property
     def params_per_expert(self) -> int:
         return len(self._names) * self.d_model * self.d_hidden
+
+    # ---------------------------------------------------------------- real low-bit kernels
+    def kernel_kind(self, e: int) -> str:
+        """Which matmul expert ``e`` runs with on the CPU: ``"int8"`` (torch's weight-only int8 kernel,
+        8-bit codes with one scale per output channel), ``"int4"`` (torch's int4 kernel, 4-bit codes in
+        groups of 32..256), else ``"dequant"`` (dequantize this one expert, then a float matmul)."""
+        d, h = self.d_model, self.d_hidden
+        if self.bits[e] == 8 and self.group_size is None and hasattr(torch, "_weight_int8pack_mm"):
+            return "int8"
+        if (self.bits[e] == 4 and self.group_size in (32, 64, 128, 256) and d % 2 == 0 and h % 2 == 0
+                and hasattr(torch, "_weight_int4pack_mm_for_cpu")):
+            return "int4"
+        return "dequant"
+
+    def _kernel_weights(self, name: str, e: int):
+        """Expert ``e``'s matrix ``name`` in the layout of its kernel (built once, kept in memory)."""
+        cache = self.__dict__.setdefault("_kernel_cache", {})
+        key = (name, e, getattr(self, f"{name}{e}_codes").data_ptr())  # new buffers (load_state_dict): rebuild
+        if key in cache:
+            return cache[key]
+        E, d, h = self._sizes
+        n, k = (d, h) if name == "out" else (h, d)  # stored [out, in]
+        codes = unpack_codes(getattr(self, f"{name}{e}_codes"), self.bits[e], (n, k))
+        scale = getattr(self, f"{name}{e}_scale").float()
+        zero = getattr(self, f"{name}{e}_zero").float()
+        kind = self.kernel_kind(e)
+        if kind == "int8":  # w = s (c - z) = s (c' - z') with c' = c - 128 in int8: one kernel + a rank-1 fix
+            s = scale.view(n)
+            value = ("int8", (codes.int() - 128).to(torch.int8), s, s * (zero.view(n) - 128))
+        elif kind == "int4":  # tinygemm's convention: w = (q - 8) s + Z, so Z = s (8 - z)
+            g = self.group_size
+            s, z = scale.view(n, k // g).t(), zero.view(n, k // g).t()
+            packed = torch._convert_weight_to_int4pack_for_cpu(codes.int(), 1)
+            value = ("int4", packed, g, torch.stack([s, s * (8 - z)], dim=-1).contiguous())
+        else:
+            value = ("dequant", self._load(f"{name}{e}", self.bits[e], (n, k), None))
+        cache[key] = value
+        return value
+
+    def _matmul(self, name: str, e: int, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W_name[e]`` straight from the packed weights."""
+        kind, *parts = self._kernel_weights(name, e)
+        if kind == "int8":
+            w, s, shift = parts
+            return torch._weight_int8pack_mm(x, w, s.to(x.dtype)) - x.sum(dim=1, keepdim=True) * shift.to(x.dtype)
+        if kind == "int4":
+            packed, g, scales_zeros = parts
+            return torch._weight_int4pack_mm_for_cpu(x, packed, g, scales_zeros.to(x.dtype))
+        return x @ parts[0].to(x.dtype).t()
+
+    def runs_kernels(self, x: torch.Tensor) -> bool:
+        """Whether :meth:`kernel_forward` serves ``x``: bf16 activations on the CPU. The kernels are built
+        for bf16; with fp32 activations they ran 20-30x slower than a float matmul here
+        (bench/expert_kernels.py), so fp32 inputs keep the dequantize-then-matmul path."""
+        return x.device.type == "cpu" and x.dtype == torch.bfloat16
+
+    def kernel_forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
+                       keep: torch.Tensor | None = None) -> torch.Tensor:
+        """The per-expert loop of :mod:`moe_course.dispatch` with packed-weight kernels: only the experts
+        that tokens chose are touched, and none is dequantized as a whole stack."""
+        y = torch.zeros_like(x)
+        tokens = torch.arange(x.shape[0], device=x.device).repeat_interleave(indices.shape[1])
+        flat, gates = indices.reshape(-1), weights.reshape(-1)
+        if keep is not None:
+            kept = keep.reshape(-1)
+            tokens, flat, gates = tokens[kept], flat[kept], gates[kept]
+        for e in torch.unique(flat).tolist():
+            sel = flat == e
+            rows = tokens[sel]
+            xe = x[rows]
+            h = self._matmul("in", e, xe)
+            gate = self._matmul("gate", e, xe) if "gate" in self._names else None
+            out = self._matmul("out", e, self.act(h, gate))
+            y.index_add_(0, rows, out * gates[sel, None])
+        return y
 
     def _stack(self, name: str, dtype: torch.dtype | None) -> torch.Tensor:
         E, d, h = self._sizes

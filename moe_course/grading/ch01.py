@@ -73,6 +73,9 @@ def _wrong_mixes(x: torch.Tensor, gate_weight: torch.Tensor, experts: Sequence[C
                 outs.mean(0),
             "the gate uses a sigmoid; a soft MoE gate is a softmax over the experts (values sum to 1)":
                 mix(torch.sigmoid(logits)),
+            "the gate uses log_softmax: those are log-probabilities (negative numbers); weight the experts by "
+            "the probabilities themselves, torch.softmax(x @ gate_weight.T, dim=-1)":
+                mix(torch.log_softmax(logits, dim=-1)),
         }
 
 
@@ -164,6 +167,9 @@ def check_gate_entropy(gate_entropy: Callable) -> None:
         raise CheckFailed("this is the entropy in bits (log2); use the natural log (nats)")
     if _close(h, ref / math.log(4)):
         raise CheckFailed("this is normalised by log N; return the plain entropy in nats")
+    if _close(h, ref / 4):
+        raise CheckFailed("you averaged over the experts (.mean): the entropy SUMS -p_i log p_i over the N experts "
+                          "(.sum(dim=-1))")
     expect_close(h, ref, "compute -(probs * probs.log()).sum(dim=-1)")
 
     # Uniform gate: log N; one-hot gate: 0 (needs 0 * log 0 = 0, not nan).
@@ -258,6 +264,10 @@ def check_load_experts_into_stack(load_experts_into_stack: Callable) -> None:
                f"got {tuple(w_in.shape)}")
         expect(tuple(w_out.shape) == (N, h, d), f"w_out: expected shape [N, d_hidden, d_model] = {(N, h, d)}, "
                f"got {tuple(w_out.shape)}")
+        reshaped = torch.stack([m[0].weight.detach().reshape(d, h) for m in mlps])
+        if d != h and _close(w_in, reshaped):
+            raise CheckFailed("w_in has the right shape but scrambled values: reshape/view reinterprets the memory "
+                              "in a new shape, it does not transpose; use mlp[0].weight.T (or .transpose(0, 1))")
         if N > 1 and _close(w_in, ref_in.flip(0)):
             raise CheckFailed("the experts are in reverse order: w_in[i] must come from mlps[i]")
         expect_close(w_in, ref_in, "w_in[i] must be mlps[i][0].weight.T")

@@ -52,7 +52,8 @@ _MASK_HINTS = {
 def check_magnitude_mask(magnitude_mask_fn) -> None:
     hand = torch.tensor([[0.5, -2.0, 0.1, 1.0], [-0.05, 3.0, -0.7, 0.2]])
     cases = [(hand, 0.5), (hand, 0.25), (torch.randn(16, 12), 0.3),
-             (torch.randn(8, 32) * torch.linspace(0.1, 3, 8)[:, None], 0.6), (torch.randn(3, 5, 7), 0.9)]
+             (torch.randn(8, 32) * torch.linspace(0.1, 3, 8)[:, None], 0.6), (torch.randn(3, 5, 7), 0.9),
+             (torch.randn(10, 10), 0.123)]  # s * n = 12.3: round() prunes 12, an interpolated quantile 13
     for w, s in cases:
         desc = f"(weight of shape {tuple(w.shape)}, sparsity={s})"
         out = magnitude_mask_fn(w.clone(), s)

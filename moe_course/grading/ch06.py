@@ -29,16 +29,22 @@ def _kd_variants(s, t, y, T, a):
     ls, lt = F.log_softmax(s2 / T, -1), F.log_softmax(t2 / T, -1)
     hard = F.cross_entropy(s2, y.reshape(-1))
     soft = _kl(lt, ls)
-    return {
+    out = {
         "no_t2": a * soft + (1 - a) * hard,
         "reversed": a * _kl(ls, lt) * T * T + (1 - a) * hard,
         "softmax_student": a * F.kl_div(torch.softmax(s2 / T, -1), lt.exp(), reduction="batchmean") * T * T
         + (1 - a) * hard,
         "swapped_alpha": (1 - a) * soft * T * T + a * hard,
         "no_temperature": a * _kl(F.log_softmax(t2, -1), F.log_softmax(s2, -1)) + (1 - a) * hard,
+        "no_temperature_t2": a * _kl(F.log_softmax(t2, -1), F.log_softmax(s2, -1)) * T * T + (1 - a) * hard,
+        "mean_reduction": a * soft * T * T / v + (1 - a) * hard,
         "sum_reduction": a * soft * T * T * s2.shape[0] + (1 - a) * hard,
         "soft_only": soft * T * T,
     }
+    if s.dim() > 2:  # batchmean on unflattened [B, T, V] logits divides by B only
+        lead = s2.shape[0] // s.shape[0]
+        out["not_flattened"] = a * soft * T * T * lead + (1 - a) * hard
+    return out
 
 
 _KD_HINTS = {
@@ -50,6 +56,12 @@ _KD_HINTS = {
                        "F.log_softmax(student_logits / T), not softmax",
     "swapped_alpha": "alpha weights the soft (teacher) term and 1 - alpha the hard (label) term",
     "no_temperature": "divide both teacher and student logits by the temperature T before the softmax",
+    "no_temperature_t2": "divide both teacher and student logits by the temperature T before the softmax (the T**2 "
+                         "factor alone is not the temperature)",
+    "mean_reduction": "reduction='mean' divides the KL by N * V (every element), not by the N positions: use "
+                      "reduction='batchmean' on the flattened [N, V] logits",
+    "not_flattened": "flatten the logits to [N, V] first: reduction='batchmean' on [B, T, V] divides by B only, "
+                     "not by the B * T positions",
     "sum_reduction": "average the KL over positions (reduction='batchmean' on [N, V] logits), do not sum it",
     "soft_only": "mix in the label loss: alpha * soft + (1 - alpha) * cross_entropy(student_logits, labels)",
 }
@@ -95,10 +107,16 @@ def check_kd_loss(kd) -> None:
 @checker("Exercise 6.2: fraction of the teacher's gain preserved")
 def check_gain_preserved(fn) -> None:
     cases = [(0.96, 0.95, 0.98), (10.0, 11.5, 6.8), (2.3, 2.4, 1.9), (0.95, 0.95, 0.98), (0.94, 0.95, 0.98),
-             (0.98, 0.95, 0.98)]
+             (0.98, 0.95, 0.98), (0.99, 0.95, 0.98)]
     for s, b, t in cases:
         desc = f"(student={s}, baseline={b}, teacher={t})"
-        out = fn(s, b, t)
+        try:
+            out = fn(s, b, t)
+        except ValueError as err:
+            lower = " (lower is better here: a loss or perplexity)" if t < b else ""
+            raise CheckFailed(f"you raised ValueError ({err}) although teacher != baseline{lower}: the same formula "
+                              f"works when lower is better, where both differences are negative; raise only when "
+                              f"teacher == baseline {desc}") from None
         try:
             out = float(out)
         except (TypeError, ValueError):
@@ -114,6 +132,12 @@ def check_gain_preserved(fn) -> None:
                 raise CheckFailed(f"divide by the whole gap teacher - baseline, not teacher - student {desc}")
             if abs(out - abs(ref)) < 1e-6:
                 raise CheckFailed(f"keep the sign: a student worse than the baseline has a negative fraction {desc}")
+            if abs(out - (s - b) / abs(t - b)) < 1e-6:
+                raise CheckFailed(f"do not take abs() of teacher - baseline: when lower is better (a loss) both "
+                                  f"differences are negative and their ratio is the right, positive fraction {desc}")
+            if abs(out - min(max(ref, 0.0), 1.0)) < 1e-6:
+                raise CheckFailed(f"do not clip the fraction: values outside [0, 1] are meaningful (below 0: "
+                                  f"distillation hurt; above 1: the student beat the teacher) {desc}")
             raise CheckFailed(f"expected {ref:.4g}, got {out:.4g} {desc}")
     try:
         fn(1.0, 2.0, 2.0)

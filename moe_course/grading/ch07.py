@@ -55,6 +55,9 @@ def check_svd_factors(svd_factors) -> None:
             if torch.allclose(prod, smallest, atol=1e-4):
                 raise CheckFailed(f"you kept the r SMALLEST singular values: torch.linalg.svd returns them in "
                                   f"descending order, so keep the first r (u[:, :r], s[:r], vh[:r]) {desc}")
+            if torch.allclose(prod, (u[:, :r] * s[:r] ** 2) @ vh[:r], atol=1e-4):
+                raise CheckFailed(f"Sigma is applied twice: L @ R gives U_r S_r^2 V_r^T; each factor carries the "
+                                  f"SQUARE ROOT, L = U_r S_r^(1/2) and R = S_r^(1/2) Vh[:r] {desc}")
             wrong_t = (u[:, :r] * s[:r].sqrt()) @ (s[:r].sqrt()[:, None] * vh.T[:r]) if vh.shape[0] == vh.shape[1] else None
             if wrong_t is not None and torch.allclose(prod, wrong_t, atol=1e-4):
                 raise CheckFailed(f"wrong transpose: torch.linalg.svd returns Vh = V^T already, so R = S_r^(1/2) "
@@ -74,10 +77,19 @@ def check_svd_factors(svd_factors) -> None:
 # --------------------------------------------------------------------------------------------
 # Exercise 7.2: the rank that keeps a fraction of the energy
 # --------------------------------------------------------------------------------------------
+def _cum_energy(s: torch.Tensor) -> torch.Tensor:
+    e = s.double().square()
+    return e.cumsum(0) / e.sum()
+
+
 @checker("Exercise 7.2: smallest rank keeping a fraction of the energy sum(sigma^2)")
 def check_rank_for_energy(rank_for_energy_fn) -> None:
     hand = torch.tensor([4.0, 2.0, 1.0, 1.0])  # sigma^2 = 16, 4, 1, 1 -> cumulative 16/22, 20/22, 21/22, 1
     cases = [(hand, 0.5), (hand, 0.75), (hand, 0.9), (hand, 0.95), (hand, 1.0), (hand, 0.01)]
+    # Targets met exactly (exact in binary), so the answer is the rank that REACHES them (>=, not >):
+    # sigma^2 = 9, 4, 1, 1, 1 -> cumulative 0.5625, 0.8125, ... : energy 0.8125 needs rank 2;
+    # four equal values -> cumulative 0.25, 0.5, ... : energy 0.5 needs rank 2.
+    cases += [(torch.tensor([3.0, 2.0, 1.0, 1.0, 1.0]), 0.8125), (torch.ones(4), 0.5)]
     g = torch.Generator().manual_seed(0)
     for n in (8, 32, 64):
         s = torch.sort(torch.rand(n, generator=g) ** 3 * 5, descending=True).values
@@ -100,6 +112,9 @@ def check_rank_for_energy(rank_for_energy_fn) -> None:
         if out == on_sigma:
             raise CheckFailed(f"you measured energy on sigma: it is the sum of SQUARED singular values (the squared "
                               f"Frobenius norm kept by the approximation), expected {ref}, got {out} {desc}")
+        if out == min(int((_cum_energy(s.flip(0)) < e - 1e-9).sum()) + 1, s.numel()) and s[0] != s[-1]:
+            raise CheckFailed(f"you accumulated the energy from the SMALLEST singular value: they come in descending "
+                              f"order (not ascending); keep the largest ones first, expected {ref}, got {out} {desc}")
         if out == ref - 1:
             raise CheckFailed(f"off by one: return the number of singular values kept (the first r with cumulative "
                               f"energy >= energy is index r - 1), expected {ref}, got {out} {desc}")

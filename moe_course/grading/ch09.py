@@ -29,6 +29,8 @@ def _sim_variants(h: torch.Tensor, out: torch.Tensor) -> dict[str, float]:
         "no_residual": float(F.cosine_similarity(h, out, dim=-1).mean()),
         "wrong_dim": float(F.cosine_similarity(h, h + out, dim=0).mean()),
         "flattened": float(F.cosine_similarity(h.reshape(1, -1), (h + out).reshape(1, -1), dim=-1).mean()),
+        "distance": 1.0 - float(F.cosine_similarity(h, h + out, dim=-1).mean()),
+        "minus": float(F.cosine_similarity(h, h - out, dim=-1).mean()),
     }
 
 
@@ -38,6 +40,9 @@ _SIM_HINTS = {
     "wrong_dim": "you took the cosine along the token dimension (dim=0): take it per token along the feature "
                  "dimension (dim=-1), then average over tokens",
     "flattened": "you took one cosine between the flattened matrices: take one cosine per token (dim=-1), then the mean",
+    "distance": "that is 1 - similarity (a cosine distance): return the mean cosine SIMILARITY, which is 1 for a "
+                "layer that changes nothing",
+    "minus": "the residual update ADDS the layer's output: compare h with h + out, not h - out",
 }
 
 
@@ -56,10 +61,10 @@ def _as_float(v, desc):
 def check_residual_similarity(residual_similarity_fn) -> None:
     g = torch.Generator().manual_seed(9)
     h0 = torch.randn(12, 6, generator=g)
-    cases = [(h0, torch.zeros_like(h0), "zero output"),
-             (h0, 0.3 * torch.randn(12, 6, generator=g), "small output"),
+    cases = [(h0, 0.3 * torch.randn(12, 6, generator=g), "small output"),
              (h0, torch.randn(12, 6, generator=g) * torch.linspace(0.1, 3, 12)[:, None], "mixed sizes"),
-             (torch.randn(40, 16, generator=g), torch.randn(40, 16, generator=g), "random")]
+             (torch.randn(40, 16, generator=g), torch.randn(40, 16, generator=g), "random"),
+             (h0, torch.zeros_like(h0), "zero output")]
     for h, out, what in cases:
         desc = f"(h and out of shape {tuple(h.shape)}, {what})"
         got = _as_float(residual_similarity_fn(h.clone(), out.clone()), desc)
@@ -93,12 +98,33 @@ def _hidden_cases():
     for i in range(6):  # a random walk: steps of different sizes
         walk.append(walk[-1] + (0.2 + i % 3) * torch.randn(16, 8, generator=g))
     cases += [(walk, 1), (walk, 2), (walk, 4), (walk, 6)]
+    # A run that drifts away and comes back: block 0 moves h far away, block 1 brings it back, so the run
+    # 0..1 leaves h unchanged although each of its blocks changes it a lot; blocks 3..5 each change h a
+    # little, but add up to a larger change. The endpoints decide.
+    a = torch.randn(16, 8, generator=g)
+    drift = [torch.randn(16, 8, generator=g)]
+    for _ in range(3):
+        drift.append(drift[-1] + 0.45 * torch.randn(16, 8, generator=g))
+    back = [a, torch.randn(16, 8, generator=g), a + 0.01 * torch.randn(16, 8, generator=g)] + drift
+    cases += [(back, 2)]
+    # The best run is the LAST one (start L - n), again one that comes back.
+    d = torch.randn(16, 8, generator=g)
+    last = [torch.randn(16, 8, generator=g) for _ in range(3)] + [d, torch.randn(16, 8, generator=g),
+                                                                  d + 0.01 * torch.randn(16, 8, generator=g)]
+    cases += [(last, 2)]
     return cases
+
+
+def _tie_case():
+    """Every block is the identity: all runs tie exactly, and the earliest (b = 0) wins."""
+    h = torch.randn(16, 8, generator=torch.Generator().manual_seed(29))
+    return [h.clone() for _ in range(5)], 2
 
 
 @checker("Exercise 9.2: best contiguous run of blocks")
 def check_best_contiguous_run(best_run_fn) -> None:
-    for hidden, n in _hidden_cases():
+    tie_hidden, tie_n = _tie_case()
+    for hidden, n in _hidden_cases() + [(tie_hidden, tie_n)]:
         L = len(hidden) - 1
         desc = f"({L} blocks, n={n})"
         got = best_run_fn([x.clone() for x in hidden], n)
@@ -110,10 +136,24 @@ def check_best_contiguous_run(best_run_fn) -> None:
             raise CheckFailed(f"return the start index b as an int, got {type(got).__name__} {desc}")
         ref, _ = best_contiguous_run(hidden, n)
         sims = [_mean_cos(hidden[b], hidden[b + n]) for b in range(L - n + 1)]
+        if 0 <= got < len(sims) and got > ref and sims[got] == sims[ref]:
+            raise CheckFailed(f"b = {got} and b = {ref} are equally good (similarity {sims[ref]:.4f}): ties go to the "
+                              f"EARLIEST run, b = {ref} (max() and torch.argmax return the first maximum; a loop "
+                              f"needs >, not >=) {desc}")
         if got == ref or (0 <= got < len(sims) and math.isclose(sims[got], sims[ref], abs_tol=1e-9)):
             continue
         if not 0 <= got <= L - n:
             raise CheckFailed(f"b = {got} is not a valid start: a run of n blocks starts at 0 .. L - n = {L - n} {desc}")
+        if ref == L - n and got == max(range(L - n), key=lambda b: sims[b]):
+            raise CheckFailed(f"the last run, starting at b = L - n = {L - n}, is a candidate too (and the best here): "
+                              f"try b in range(L - n + 1) {desc}")
+        steps = [_mean_cos(hidden[b], hidden[b + 1]) for b in range(L)]
+        for pool in (sum, min):
+            score = [pool(steps[b:b + n]) for b in range(L - n + 1)]
+            if n > 1 and got == max(range(len(score)), key=lambda b: score[b]):
+                raise CheckFailed(f"you scored the run by its blocks one at a time ({pool.__name__} of the "
+                                  f"per-block similarities); a run is judged by its endpoints, mean_t "
+                                  f"cos(h_b, h_(b+n)): the blocks of a run may move h away and back {desc}")
         off = [_mean_cos(hidden[b], hidden[b + n - 1]) for b in range(L - n + 2)]
         if got == max(range(len(off)), key=lambda b: off[b]) and (n > 1 or got == 0):
             raise CheckFailed(f"off by one: a run of n blocks b .. b+n-1 takes h_b to h_(b+n), compare hidden[b] "

@@ -51,12 +51,24 @@ def _sparsemax(z: torch.Tensor) -> torch.Tensor:
     return (z - tau.gather(-1, support - 1)).clamp(min=0)
 
 
+def _entmax_unclamped(z: torch.Tensor) -> torch.Tensor:
+    """``(z/2 - tau)^2`` with the right tau but without ``[.]_+``: entries below the threshold come back positive."""
+    z = (z - z.max(dim=-1, keepdim=True).values) / 2
+    zs = z.sort(dim=-1, descending=True).values
+    k = torch.arange(1, z.shape[-1] + 1, dtype=z.dtype)
+    mean, mean_sq = zs.cumsum(-1) / k, (zs ** 2).cumsum(-1) / k
+    tau = mean - ((1 - k * (mean_sq - mean ** 2)) / k).clamp(min=0).sqrt()
+    support = (tau <= zs).sum(dim=-1, keepdim=True)
+    return (z - tau.gather(-1, support - 1)) ** 2
+
+
 def _entmax_variants(z: torch.Tensor) -> dict[str, torch.Tensor]:
     return {
         "softmax": torch.softmax(z, dim=-1),
         "not_halved": entmax15(2 * z),
         "sparsemax": _sparsemax(z),
         "wrong_axis": entmax15(z, dim=0),
+        "no_clamp": _entmax_unclamped(z),
     }
 
 
@@ -69,6 +81,8 @@ _ENTMAX_HINTS = {
                  "thresholded values, p_i = [z_i/2 - tau]_+^2, so tau solves a quadratic, not a linear equation",
     "wrong_axis": "you normalised over the wrong axis: each ROW (the last dimension, one distribution over the "
                   "experts per token) must sum to 1",
+    "no_clamp": "clamp z/2 - tau at 0 BEFORE squaring, p_i = [z_i/2 - tau]_+^2: without the clamp the experts below "
+                "the threshold come back with positive values instead of exact zeros",
 }
 
 
@@ -227,6 +241,8 @@ def _tr_variants(z, a, g1, g2, g3) -> dict[str, torch.Tensor]:
     m = torch.bmm(torch.einsum("tn,anb->tab", a, g1), torch.einsum("ti,bic->tbc", z_bar, g2))
     out = {"no_bias": torch.bmm(torch.einsum("tn,anb->tab", a, g1), torch.einsum("ti,bic->tbc", z, g2[:, :-1]))}
     out["no_bias"] = torch.einsum("tac,coa->to", out["no_bias"], g3)
+    first = torch.bmm(torch.einsum("tn,anb->tab", a, g1), torch.einsum("ti,bic->tbc", torch.cat([ones, z], 1), g2))
+    out["bias_first"] = torch.einsum("tac,coa->to", first, g3)
     if g3.shape[0] == g3.shape[2]:
         out["ring_transposed"] = torch.einsum("tac,aoc->to", m, g3)
     return out
@@ -234,6 +250,8 @@ def _tr_variants(z, a, g1, g2, g3) -> dict[str, torch.Tensor]:
 
 _TR_HINTS = {
     "no_bias": "the bias is missing: the input core has I+1 slices, the last one multiplies the 1 appended to z",
+    "bias_first": "the 1 is appended at the wrong end: z_bar = [z, 1], so the LAST slice of G2 along its middle mode "
+                  "is the bias",
     "ring_transposed": "the ring is closed the wrong way round: W[n,i,o] = trace(G1[:,n,:] G2[:,i,:] G3[:,o,:]), so "
                        "with M = A B of shape [r1, r3] the output is y_o = sum_{a,c} G3[c, o, a] M[a, c] "
                        "(G3 has shape [r3, O, r1])",
@@ -294,8 +312,12 @@ def _rank_variants(budget: int, d: int, h: int, n: int) -> dict[str, int]:
         "ceil": math.ceil((budget - d * n) / two_layers),
         "one_layer": (budget - d * n) // (n + d + 1 + h),
         "gate_per_layer": (budget - 2 * d * n) // two_layers,
+        "strict": math.ceil((budget - d * n) / two_layers) - 1,
+        "square": (budget - d * n) // (2 * (n + d + 1 + d)),
     }
 
+
+RAISED = "raised ValueError"  # stands for an answer that raised, in the comparisons below
 
 _RANK_HINTS = {
     "no_gate": "the gate is not counted: it has d_model * num_experts weights (one logit per expert), subtract "
@@ -306,6 +328,10 @@ _RANK_HINTS = {
     "one_layer": "a μMoE block has TWO layers (d_model -> d_hidden and d_hidden -> d_model), each with its own three "
                  "factors: add both layers' R (N + in + 1 + out)",
     "gate_per_layer": "the two layers SHARE one gate (the same coefficients drive both): count d_model * N once",
+    "strict": "a block of exactly `budget` parameters fits: the rank may use the budget up to and including its "
+              "last parameter (<=, not <), which integer division (budget - gate) // per_rank gives",
+    "square": "the two layers map d_model -> d_hidden and d_hidden -> d_model: each layer's factors have "
+              "(N + in + 1 + out) rows, with d_hidden on one side, not d_model on both",
 }
 
 
@@ -313,26 +339,37 @@ _RANK_HINTS = {
 def check_cp_rank_for_budget(student_fn) -> None:
     """``cp_rank_for_budget(budget, d_model, d_hidden, num_experts) -> int``: the largest R within budget."""
     cases = [(16576, 64, 128, 64), (33088, 64, 256, 64), (4_722_432, 768, 3072, 256), (5000, 16, 32, 8),
-             (16576, 64, 128, 16), (10**6, 100, 37, 3), (1000, 8, 8, 1)]
-    answers = []
-    for budget, d, h, n in cases:
-        out = student_fn(budget, d, h, n)
+             (16576, 64, 128, 16), (10**6, 100, 37, 3), (1000, 8, 8, 1),
+             # budgets met exactly: the gate 64 * 64 plus rank 24 (or 1) of 514 parameters each, to the last one
+             (4096 + 24 * 514, 64, 128, 64), (4096 + 514, 64, 128, 64)]
+    answers, raised = [], {}
+    for k, (budget, d, h, n) in enumerate(cases):
+        try:
+            out = student_fn(budget, d, h, n)
+        except ValueError as err:  # wrong on a budget that fits, but first see which mistake explains it
+            answers.append(RAISED)
+            raised[k] = err
+            continue
         expect(isinstance(out, int) and not isinstance(out, bool),
                f"return a Python int (use // or int(...)), got {type(out).__name__} {out!r}")
         answers.append(out)
     refs = [cp_rank_for_budget(b, d, d, n, hidden_features=h) for b, d, h, n in cases]
     if answers != refs:
-        # Name the mistake whose answers agree with the student's on every case (one case alone is ambiguous).
-        variants = [_rank_variants(*case) for case in cases]
-        for name in _RANK_HINTS:
-            if all(v[name] == out for v, out in zip(variants, answers)):
-                bad = next(k for k, (o, r) in enumerate(zip(answers, refs)) if o != r)
-                budget, d, h, n = cases[bad]
-                raise CheckFailed(f"budget={budget}, d_model={d}, d_hidden={h}, num_experts={n}: got {answers[bad]}, "
-                                  f"expected {refs[bad]}. {_RANK_HINTS[name]}")
+        # Name the mistake whose answers agree with the student's on every case (one case alone is ambiguous);
+        # a variant below rank 1 stands for raising ValueError there.
+        variants = [{name: (v if v >= 1 else RAISED) for name, v in _rank_variants(*case).items()} for case in cases]
         bad = next(k for k, (o, r) in enumerate(zip(answers, refs)) if o != r)
         budget, d, h, n = cases[bad]
-        what = f"budget={budget}, d_model={d}, d_hidden={h}, num_experts={n}: got {answers[bad]}, expected {refs[bad]}"
+        where = f"budget={budget}, d_model={d}, d_hidden={h}, num_experts={n}"
+        got = "ValueError" if answers[bad] is RAISED else answers[bad]
+        for name in _RANK_HINTS:
+            if all(v[name] == out for v, out in zip(variants, answers)):
+                raise CheckFailed(f"{where}: got {got}, expected {refs[bad]}. {_RANK_HINTS[name]}")
+        if answers[bad] is RAISED:
+            raise CheckFailed(f"{where}: you raised ValueError ({raised[bad]}) but rank {refs[bad]} fits (the block "
+                              f"then has {cp_mumoe_params(d, d, n, refs[bad], hidden_features=h)} <= {budget} "
+                              "parameters); raise only when not even rank 1 fits, rank 1 itself is a valid answer")
+        what = f"{where}: got {got}, expected {refs[bad]}"
         out = answers[bad]
         if out >= 1 and cp_mumoe_params(d, d, n, out, hidden_features=h) > budget:
             raise CheckFailed(f"{what}: rank {out} needs {cp_mumoe_params(d, d, n, out, hidden_features=h)} "

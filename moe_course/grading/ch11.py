@@ -102,7 +102,18 @@ def check_run_pipeline(run_fn) -> None:
     if sizes[1] == params4[1] or sizes[1] == sum(p.numel() * p.element_size() for p in m.parameters()):
         raise CheckFailed("quantized weights are packed uint8 BUFFERS, not parameters: count every tensor's real bytes "
                           "with moe_course.metrics.size_report(model).bytes")
+    counts = [size_report(model).total_params]
+    m = model
+    for f in steps:
+        m = f(m)
+        counts.append(size_report(m).total_params)
+    if sizes == counts:
+        raise CheckFailed("those are parameter counts, not sizes: record the true bytes of every stored tensor, "
+                          "moe_course.metrics.size_report(model).bytes")
     expect(sizes[0] == ref[0], f"sizes[0] must be the input model's true bytes {ref[0]:,}, got {sizes[0]!r}")
+    if sizes == [ref[0]] + [size_report(f(model)).bytes for f in steps]:
+        raise CheckFailed(f"each step is applied to the INPUT model: a pipeline chains them, each step gets the "
+                          f"previous step's output (model = step(model)); sizes should be {ref}, got {sizes}")
     expect(sizes == ref, f"sizes should be {ref} (true bytes after each step), got {sizes}")
     expect(final is not model and size_report(final).bytes == ref[-1],
            "return the model produced by the LAST step, not the input model")
@@ -142,6 +153,12 @@ def _tables():
     cls = [row("baseline", 1.0, 0.90, True), row("q4", 5.0, 0.90, True), row("q2", 7.2, 0.88, True),
            row("trim+q", 7.8, 0.75, True), row("tie", 5.0, 0.905, True)]
     out = [(lm, 5.0), (lm, 0.5), (lm, 20.0), (lm, 0.0), (cls, 1.0), (cls, 3.0), (cls, 30.0)]
+    # Losses exactly at the budget (exact in binary: 12.5%) qualify, "at most"; a negative budget (a required
+    # improvement) that no row meets, not even the baseline: the answer is None.
+    exact_lm = [row("baseline", 1.0, 4.0, False), row("q4", 3.0, 4.25, False), row("q3", 6.0, 4.5, False),
+                row("q2", 9.0, 5.0, False)]
+    exact_cls = [row("baseline", 1.0, 0.5, True), row("q4", 4.0, 0.4375, True), row("q2", 8.0, 0.25, True)]
+    out += [(exact_lm, 12.5), (exact_cls, 12.5), (lm, -50.0)]
     rnd = random.Random(3)
     for _ in range(6):
         hib = rnd.random() < 0.5
@@ -151,28 +168,94 @@ def _tables():
     return out
 
 
-@checker("Exercise 11.3: pick a recipe for a quality budget")
+def _best(ok) -> set:
+    """The techniques a pick among the qualifying rows ``ok`` could return, ties on the ratio included."""
+    if not ok:
+        return {None}
+    top = max(r["ratio"] for r in ok)
+    return {r["technique"] for r in ok if r["ratio"] == top}
+
+
+def _pick_variants(rows, budget) -> dict[str, set]:
+    """What the usual wrong answers pick (as sets: any of equally compressed rows), to name a student's mistake."""
+    base, q0 = rows[0], float(rows[0]["quality"])
+
+    def absolute(r):
+        return (q0 - r["quality"]) if r["higher_is_better"] else (r["quality"] - q0)
+
+    loss = {id(r): quality_loss(r, base) for r in rows}
+    return {
+        "direction": _best([r for r in rows if -loss[id(r)] <= budget]),
+        "direction_higher": _best([r for r in rows if 100 * (q0 - r["quality"]) / q0 <= budget]),
+        "direction_lower": _best([r for r in rows if 100 * (r["quality"] - q0) / q0 <= budget]),
+        "ignores_budget": _best(rows),
+        "strict": _best([r for r in rows if loss[id(r)] < budget]),
+        "absolute": _best([r for r in rows if absolute(r) <= budget]),
+        "fraction": _best([r for r in rows if loss[id(r)] / 100 <= budget]),
+        "skips_baseline": _best([r for r in rows[1:] if loss[id(r)] <= budget]),
+        "no_tie_break": _best([r for r in rows if loss[id(r)] <= budget]),
+    }
+
+
+_PICK_HINTS = {
+    "direction": "the quality direction is wrong: for accuracy higher is better (loss = q0 - q), for perplexity "
+                 "lower is better (loss = q - q0); read row['higher_is_better']",
+    "direction_higher": "the quality direction is wrong for perplexity: lower is better there (loss = q - q0); read "
+                        "row['higher_is_better'] instead of assuming higher is better",
+    "direction_lower": "the quality direction is wrong for accuracy: higher is better there (loss = q0 - q); read "
+                       "row['higher_is_better'] instead of assuming lower is better",
+    "ignores_budget": "you ignored the quality budget: keep only the rows whose loss is at most max_loss_pct, then "
+                      "take the largest ratio among them",
+    "strict": "a loss exactly equal to the budget is within it: the loss must be AT MOST max_loss_pct (<=, not <)",
+    "absolute": "measure the loss RELATIVE to the baseline's quality, in percent: 100 * (q0 - q) / q0 (or "
+                "100 * (q - q0) / q0 when lower is better), not the raw difference",
+    "fraction": "the budget is in percent: compute the loss as 100 * (q0 - q) / q0 (5 means 5%), not as a fraction",
+    "skips_baseline": "the baseline itself (rows[0], loss 0) is a candidate: when no compressed row meets the "
+                      "budget, it is the answer",
+    "no_tie_break": "on equal ratios prefer the row with the smaller loss (the better quality)",
+}
+
+
+def _technique(row):
+    return row.get("technique") if isinstance(row, dict) else row
+
+
+@checker("Exercise 11.3: pick a recipe for a quality budget", allow_none=True)
 def check_pick_recipe(pick_fn) -> None:
-    for rows, budget in _tables():
-        got = pick_fn(copy.deepcopy(rows), budget)
-        ref = pick_recipe_reference(rows, budget)
-        metric = rows[0]["metric"]
-        where = f"(metric {metric}, budget {budget}%)"
-        if ref is None:
-            expect(got is None, f"no row meets the budget: return None {where}")
-            continue
-        expect(isinstance(got, dict), f"return the chosen row (a dict), got {type(got).__name__} {where}")
-        if got.get("technique") == ref["technique"]:
-            continue
-        flipped = [r for r in rows if -quality_loss(r, rows[0]) <= budget]
-        if flipped and got["technique"] == max(flipped, key=lambda r: r["ratio"])["technique"]:
-            raise CheckFailed(f"the quality direction is wrong: for {metric}, "
-                              f"{'higher' if rows[0]['higher_is_better'] else 'lower'} is better {where}")
-        if got["technique"] == max(rows, key=lambda r: r["ratio"])["technique"]:
-            raise CheckFailed(f"you ignored the quality budget: {got['technique']!r} loses "
-                              f"{quality_loss(got, rows[0]):.2f}% > {budget}% {where}")
-        if quality_loss(got, rows[0]) > budget:
-            raise CheckFailed(f"{got['technique']!r} loses {quality_loss(got, rows[0]):.2f}% of the baseline's quality, "
-                              f"more than {budget}%: measure the loss RELATIVE to rows[0] {where}")
-        raise CheckFailed(f"{ref['technique']!r} (ratio {ref['ratio']}) meets the budget with a larger ratio than your "
-                          f"{got['technique']!r} (ratio {got['ratio']}); on equal ratios prefer the better quality {where}")
+    tables = _tables()
+    picks = []
+    for rows, budget in tables:
+        given = copy.deepcopy(rows)
+        got = pick_fn(given, budget)
+        where = f"(metric {rows[0]['metric']}, budget {budget}%)"
+        expect(given == rows, f"your function modified its input `rows` (sorted it in place, or changed a row?): "
+                              f"the caller's table must stay as it was; sort a copy (sorted(rows, ...)) {where}")
+        expect(got is None or isinstance(got, dict),
+               f"return the chosen row (a dict) or None, got {type(got).__name__} {where}")
+        picks.append(_technique(got))
+    refs = [_technique(pick_recipe_reference(rows, budget)) for rows, budget in tables]
+    if picks == refs:
+        return
+    bad = next(k for k, (g, r) in enumerate(zip(picks, refs)) if g != r)
+    rows, budget = tables[bad]
+    got, ref = picks[bad], refs[bad]
+    where = f"(metric {rows[0]['metric']}, budget {budget}%)"
+    said = f"you picked {got!r}, expected {ref!r}"
+    # The mistake whose picks agree with the student's on every table (one table alone is ambiguous).
+    variants = [_pick_variants(*t) for t in tables]
+    for name in _PICK_HINTS:
+        if all(g in v[name] for v, g in zip(variants, picks)):
+            raise CheckFailed(f"{said}: {_PICK_HINTS[name]} {where}")
+    if ref is None:
+        raise CheckFailed(f"{said}: no row meets the budget (not even the baseline), so return None {where}")
+    if got is None:
+        raise CheckFailed(f"{said}: you returned None although {ref!r} meets the budget (did you forget a `return`?) "
+                          f"{where}")
+    chosen = next(r for r in rows if r["technique"] == got)
+    loss = quality_loss(chosen, rows[0])
+    if loss > budget:
+        raise CheckFailed(f"{said}: {got!r} loses {loss:.2f}% of the baseline's quality, more than {budget}%: measure "
+                          f"the loss RELATIVE to rows[0] {where}")
+    best = next(r for r in rows if r["technique"] == ref)
+    raise CheckFailed(f"{said}: {ref!r} (ratio {best['ratio']}) meets the budget with a larger ratio than your "
+                      f"{got!r} (ratio {chosen['ratio']}); on equal ratios prefer the better quality {where}")

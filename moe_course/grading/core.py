@@ -41,6 +41,7 @@ it (see :mod:`moe_course.grading.runner`).
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 import io
 import json
@@ -264,19 +265,90 @@ def _argument_names(fn: Callable, args: tuple, kwargs: dict) -> list[tuple[str, 
         return [(f"argument {i + 1}", a) for i, a in enumerate(args)] + list(kwargs.items())
 
 
+def _resolve(target: str) -> tuple[Any, str, Any]:
+    """``"moe_course.dispatch.capacity_mask"`` -> (owner object, attribute name, the object itself);
+    the owner is a module or a class (``"moe_course.layers.SparseMoE.capacity"``)."""
+    parts = target.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        try:
+            owner = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for name in parts[cut:-1]:
+            owner = getattr(owner, name)
+        return owner, parts[-1], getattr(owner, parts[-1])
+    raise ImportError(target)
+
+
+class _Forbidden:
+    """While active, the package functions in ``targets`` raise :class:`CheckFailed` when called: in
+    their modules (and classes), in every ``moe_course`` module that imported them, and in the
+    student's own globals (``from moe_course.dispatch import capacity_mask`` in a notebook)."""
+
+    def __init__(self, fn: Callable, targets: tuple[str, ...]) -> None:
+        self.fn, self.targets, self.undo = fn, targets, []
+
+    def _stub(self, target: str) -> Callable:
+        label = target.split("moe_course.", 1)[-1]
+
+        def forbidden(*args, **kwargs):
+            raise CheckFailed(f"your function calls the package's own `{label}`: the exercise asks you to write "
+                              "it yourself, in plain PyTorch (the rule stated at the top of the notebook)")
+        return forbidden
+
+    def _swap(self, space: Any, key: str, value: Any, is_dict: bool) -> None:
+        old = space[key] if is_dict else getattr(space, key)
+        self.undo.append((space, key, old, is_dict))
+        if is_dict:
+            space[key] = value
+        else:
+            setattr(space, key, value)
+
+    def __enter__(self) -> "_Forbidden":
+        user = getattr(getattr(self.fn, "__wrapped__", self.fn), "__globals__", None)
+        for target in self.targets:
+            try:
+                owner, attr, original = _resolve(target)
+            except (ImportError, AttributeError):
+                continue
+            stub = self._stub(target)
+            self._swap(owner, attr, stub, False)
+            for name, module in list(sys.modules.items()):
+                if module is None or not (name == "moe_course" or name.startswith("moe_course.")) or module is owner:
+                    continue
+                for key, value in list(vars(module).items()):
+                    if value is original:
+                        self._swap(module, key, stub, False)
+            if isinstance(user, dict):
+                for key, value in list(user.items()):
+                    if value is original:
+                        self._swap(user, key, stub, True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for space, key, old, is_dict in reversed(self.undo):
+            if is_dict:
+                space[key] = old
+            else:
+                setattr(space, key, old)
+        self.undo.clear()
+
+
 class _Guard:
     """Wraps the student's function: records what it returned or raised and catches in-place edits
-    of its tensor inputs (compared element by element before and after each call)."""
+    of its tensor inputs (compared element by element before and after each call); package functions
+    the exercise forbids raise while it runs."""
 
-    def __init__(self, fn: Callable, allow_none: bool, check_mutation: bool) -> None:
-        self.fn, self.allow_none, self.check_mutation = fn, allow_none, check_mutation
+    def __init__(self, fn: Callable, allow_none: bool, check_mutation: bool, forbid: tuple[str, ...] = ()) -> None:
+        self.fn, self.allow_none, self.check_mutation, self.forbid = fn, allow_none, check_mutation, tuple(forbid)
         self.calls, self.last_return, self.raised = 0, _NOTHING, None
 
     def __call__(self, *args, **kwargs):
         snapshot = self._snapshot(args, kwargs) if self.check_mutation else []
         self.calls += 1
         try:
-            out = self.fn(*args, **kwargs)
+            with _Forbidden(self.fn, self.forbid):
+                out = self.fn(*args, **kwargs)
         except BaseException as exc:
             self.raised = exc
             raise
@@ -321,13 +393,20 @@ def _student_line(exc: BaseException, fn: Callable) -> str:
 
 
 # ------------------------------------------------------------------------------------ checker
-def checker(name: str, *, allow_none: bool = False, check_mutation: bool = True) -> Callable:
+def checker(name: str, *, allow_none: bool = False, check_mutation: bool = True,
+            forbid: tuple[str, ...] = (), timeout: float | None = None) -> Callable:
     """Turn ``body(student_fn)`` (which raises :class:`CheckFailed`) into a friendly checker.
 
     The returned ``check(student_fn, *, quiet=False, timeout=None)`` never raises. ``allow_none``
     accepts ``None`` as a return value; ``check_mutation=False`` allows in-place edits of inputs
-    (for exercises whose point is to modify something in place).
+    (for exercises whose point is to modify something in place). ``forbid`` names package functions
+    (``"moe_course.dispatch.capacity_mask"``, ``"moe_course.layers.SparseMoE.capacity"``) the exercise
+    asks the student to write themselves: calling one while the student's function runs fails the
+    check with a hint saying so. ``timeout`` raises the default time limit for a check that runs a
+    model (an explicit ``timeout=`` of the call still wins).
     """
+
+    min_timeout = timeout
 
     def decorate(body: Callable) -> Callable:
         check_id = f"{body.__module__.rsplit('.', 1)[-1]}.{body.__name__}"
@@ -336,7 +415,10 @@ def checker(name: str, *, allow_none: bool = False, check_mutation: bool = True)
         def run(student_fn: Callable, *, quiet: bool = False, timeout: float | None = None) -> CheckResult:
             captured = _CappedText(_max_output())
             start = time.perf_counter()
-            result = _run(name, body, student_fn, check_timeout(timeout), captured, allow_none, check_mutation)
+            limit = check_timeout(timeout)
+            if timeout is None and limit is not None and min_timeout is not None:
+                limit = max(limit, float(min_timeout))
+            result = _run(name, body, student_fn, limit, captured, allow_none, check_mutation, tuple(forbid))
             result.check_id, result.seconds = check_id, round(time.perf_counter() - start, 4)
             result.message = _short(result.message)
             if not quiet:
@@ -355,11 +437,11 @@ def checker(name: str, *, allow_none: bool = False, check_mutation: bool = True)
 
 
 def _run(name: str, body: Callable, student_fn: Callable, timeout: float | None, captured: _CappedText,
-         allow_none: bool, check_mutation: bool) -> CheckResult:
+         allow_none: bool, check_mutation: bool, forbid: tuple[str, ...] = ()) -> CheckResult:
     if not callable(student_fn):
         return CheckResult(name, ERROR, f"expected your function, got {describe(student_fn)}: pass the function "
                                         "itself (no parentheses after its name)")
-    guard = _Guard(student_fn, allow_none, check_mutation)
+    guard = _Guard(student_fn, allow_none, check_mutation, forbid)
     try:
         functools.update_wrapper(guard, student_fn, updated=())  # name and doc only, not the attributes
     except (AttributeError, TypeError):

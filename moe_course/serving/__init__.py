@@ -1,0 +1,1 @@
+"""Decode-time reality (chapter 13): expert parallelism across processes (``parallel``)."""
