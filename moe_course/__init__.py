@@ -25,7 +25,7 @@ __version__ = "0.1.0"
 
 _SUBMODULES = (
     "calib", "cli", "compress", "course_table", "data", "device", "dispatch", "doctor", "exercises", "factorized",
-    "grading", "layers", "losses", "metrics", "models", "progress", "serving", "train", "viz", "widgets", "zoo",
+    "grading", "hf", "layers", "losses", "metrics", "models", "progress", "serving", "train", "viz", "widgets", "zoo",
 )
 
 
