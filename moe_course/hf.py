@@ -970,7 +970,7 @@ def from_pretrained(path: str | os.PathLike, *, dispatch: str = "auto", **kwargs
 # --------------------------------------------------------------------------------------------
 class LogitsOnly(nn.Module):
     """``model(ids).logits`` as a module, for course functions that expect a model returning a
-    logits tensor (:func:`moe_course.compress.distillation.distill`, :func:`moe_course.train.evaluate`).
+    logits tensor (:func:`moe_course.compress.distillation.train_student`, :func:`moe_course.train.evaluate`).
     Parameters are the wrapped model's (training the wrapper trains it in place); ``aux_loss`` sums
     the bridged MoE layers' Switch balance losses times ``aux_weight``."""
 
