@@ -1,4 +1,4 @@
-r"""A bridge to Hugging Face ``transformers`` MoE models: :func:`from_hf`, :func:`to_hf`.
+r"""A bridge to Hugging Face ``transformers`` MoE models (chapter 12, "A real checkpoint"): :func:`from_hf`, :func:`to_hf`.
 
 :func:`from_hf` takes a transformers 5 causal LM and returns the same model with every MoE block
 replaced by the course's :class:`HFSparseMoE` (a :class:`~moe_course.layers.SparseMoE` with a
