@@ -12,7 +12,7 @@ no cycle (``tests/test_layering.py`` reads the source and enforces both). Lowest
 3. ``train``, ``calib`` (training loops; calibration batches, hooks and per-expert capture)
 4. ``metrics`` (sizes, latency, routing statistics)
 5. ``compress`` (one module per technique), ``factorized``
-6. ``compress.recipes``, ``zoo``, ``viz``, ``widgets``, ``serving``
+6. ``compress.recipes``, ``zoo``, ``viz``, ``widgets``, ``serving``, ``hf``
 7. ``course_table``, ``grading``, ``cli``, ``doctor``, ``exercises`` (the course's applications)
 
 Feed-forward kinds of higher modules plug into ``models`` through ``models.register_ffn`` when
@@ -25,7 +25,7 @@ __version__ = "0.1.0"
 
 _SUBMODULES = (
     "calib", "cli", "compress", "course_table", "data", "device", "dispatch", "doctor", "exercises", "factorized",
-    "grading", "layers", "losses", "metrics", "models", "progress", "serving", "train", "viz", "widgets", "zoo",
+    "grading", "hf", "layers", "losses", "metrics", "models", "progress", "serving", "train", "viz", "widgets", "zoo",
 )
 
 
