@@ -119,14 +119,14 @@ import json
 import os
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .dispatch import STRATEGIES, dispatch as _dispatch
+from .dispatch import STRATEGIES, capacity_mask, dispatch as _dispatch
 from .layers import CompressedExperts, Experts, SparseMoE, TopKRouter, moe_layers
 
 __all__ = ["ARCHITECTURES", "HFSparseMoE", "from_hf", "to_hf", "is_bridged", "save_pretrained",
@@ -215,8 +215,8 @@ class HFSparseMoE(SparseMoE):
     in full precision like the router. The shared experts may be wider than the routed ones.
 
     ``last_routing`` is recorded on every forward; the balance and z losses (``aux_losses``) only in
-    training mode: in eval mode they cost a token as much as its eight experts (measured by
-    ``bench/hf_forward.py``), and only training reads them.
+    training mode, the only one that reads them: for one token through 64 experts, top-8, hidden 256
+    they took 0.34 of the block's 1.44 ms on one CPU thread.
     """
 
     def __init__(self, d_model: int, num_experts: int, d_hidden: int, k: int = 2, renormalize: bool = True,
@@ -231,8 +231,6 @@ class HFSparseMoE(SparseMoE):
         r = self.router(flat)
         cap = self.capacity(flat.shape[0])
         if cap is not None:
-            from dataclasses import replace
-            from .dispatch import capacity_mask
             r = replace(r, keep=capacity_mask(r.indices, self.num_experts, cap))
         y = _dispatch(flat, r.weights, r.indices, self.experts, self.dispatch, r.keep)
         if self.routed_scale != 1.0:
@@ -244,7 +242,7 @@ class HFSparseMoE(SparseMoE):
             y = y + s
         if self.training:
             self._record(r)
-        else:  # the aux losses only serve training; at decode they cost as much as the experts
+        else:  # the aux losses only serve training
             self.last_routing, self.aux_losses = r.detach(), {}
         return y.reshape(x.shape)
 
