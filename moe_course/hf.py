@@ -253,8 +253,9 @@ class HFSparseMoE(SparseMoE):
 
         While the experts are still views of one ``gate_up_proj`` (nothing compressed them), the
         gate and up projections run as ONE ``grouped_mm`` over ``[E, H, 2I]``, as transformers'
-        ``grouped_mm`` does, instead of two: on the CPU each call visits all ``E`` experts, and the
-        saved call was 9% of a decode step's MoE block (64 experts, top-8). Same function as
+        ``grouped_mm`` does, instead of two: on the CPU each call visits all ``E`` experts, and for
+        one token through 64 experts (hidden 512, width 256, one thread) the fused call took 1.07 ms
+        where the two took 1.28 ms, in a MoE block of about 2.5 ms. Same function as
         :func:`moe_course.dispatch.dispatch` (``tests/test_hf.py``); ``None`` when it does not apply
         (another strategy, gradients needed, compressed or copied experts, misaligned sizes).
         """
