@@ -76,8 +76,8 @@ def main() -> None:
         "fp32 rows": (layer0, None),
         "bf16 rows": (layer0, torch.bfloat16),
         "capacity factor 1.0": (capped, None),
-        "merged 8->4": (moe_layers(merge_experts(model, calib, 4))[0], None),
-        "dropped 8->6": (moe_layers(drop_experts(model, calib, 6))[0], None),
+        "merged 8->4": (moe_layers(merge_experts(model, 4, calib=calib))[0], None),
+        "dropped 8->6": (moe_layers(drop_experts(model, 6, calib=calib))[0], None),
     }
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_rank, args=(args.ranks, os.path.join(tmp, "init"), variants, captured["x"].clone(), tmp,

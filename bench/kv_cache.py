@@ -50,7 +50,7 @@ def main() -> None:
     device = torch.device(args.device)
     rounds = 3 if args.quick else 7
     lm_small = zoo.pretrained("shakespeare-moe", preset="cpu", progress=False)
-    cfg, _ = models.preset("gpu", "shakespeare-moe")
+    cfg, _ = zoo.preset_configs("gpu", "shakespeare-moe")
     torch.manual_seed(0)
     lm_large = models.MoETransformerLM(cfg.replace(vocab_size=lm_small.config.vocab_size))
     print(f"device {device}, {torch.get_num_threads()} threads, {rounds} interleaved rounds; tokens/s median [p10-p90]")

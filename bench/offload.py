@@ -42,8 +42,8 @@ def main() -> None:
     variants = {
         "fp32": model,
         "4-bit experts": quantize(model, 4, group_size=32),
-        "merged 8->4": merge_experts(model, calib, 4),
-        "dropped 8->6": drop_experts(model, calib, 6),
+        "merged 8->4": merge_experts(model, 4, calib=calib),
+        "dropped 8->6": drop_experts(model, 6, calib=calib),
     }
     sizes = (1, 2, 3, 4, 6, 8)
     print("trace-driven: hit rate | bytes moved per token, by experts cached per layer (C)")

@@ -25,7 +25,7 @@ import warnings
 import torch
 import torch.nn as nn
 
-from moe_course import metrics, zoo
+from moe_course import calib, metrics, zoo
 from moe_course.compress.quantization import quantize
 from moe_course.train import evaluate
 
@@ -62,10 +62,10 @@ def time_round_robin(models: dict[str, nn.Module], batch, rounds: int) -> dict[s
     times = {k: [] for k in models}
     with torch.inference_mode():
         for m in models.values():
-            metrics._forward(m, batch)  # warm-up
+            calib.forward(m, batch)  # warm-up
         for _ in range(rounds):
             for name, m in models.items():
-                times[name].append(metrics.timed_ms(lambda: metrics._forward(m, batch)))
+                times[name].append(metrics.timed_ms(lambda: calib.forward(m, batch)))
     return {k: statistics.median(v) for k, v in times.items()}
 
 

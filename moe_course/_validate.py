@@ -1,4 +1,5 @@
-"""Argument checks shared by the package (issue 7, "bad input, everywhere").
+"""Argument checks shared by the package (the functions of chapters 1 to 13 use them; the bad-input
+table in ``tests/test_bad_input.py`` lists what each one refuses).
 
 Every check raises early, before any copy or mutation, with a message that starts with the
 argument's name and says what was expected, so a learner's mistake points at the argument that
@@ -8,7 +9,7 @@ model's forward pass, where a data-dependent check would synchronise the GPU on 
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -48,13 +49,12 @@ def dense_experts(layers: list, action: str) -> None:
     """Each MoE layer must still store plain :class:`~moe_course.layers.Experts` (not packed or factored).
 
     Quantized or factored experts would be silently expanded back to full fp32 matrices (or, for
-    in-place edits of their properties, not changed at all), so ``action`` refuses them.
+    in-place edits of their properties, not changed at all), so ``action`` refuses them. (Compressed
+    experts say so: ``CompressedExperts.compressed`` is True.)
     """
-    from .layers import Experts
-
     for i, layer in enumerate(layers):
         kind = type(layer.experts).__name__
-        if type(layer.experts) is not Experts:
+        if getattr(layer.experts, "compressed", True):
             step, advice = _STEP_OF.get(kind, (None, "apply {action} to the uncompressed model"))
             what = f"was compressed by {step}() ({kind})" if step else f"stores {kind}"
             raise TypeError(f"model: {action} needs MoE layers with dense Experts, but MoE layer {i} {what}; "
@@ -80,60 +80,13 @@ def router_kind(layers: list, action: str, allowed: tuple[str, ...]) -> None:
             raise TypeError(f"model: {action} needs routers of type {' or '.join(allowed)}; {hint}")
 
 
-def _count_tokens(batch: Any) -> int:
-    if torch.is_tensor(batch):
-        return int(batch.numel())
-    if isinstance(batch, Mapping):
-        if "input_ids" in batch:
-            ids = torch.as_tensor(batch["input_ids"])
-            return int(ids[..., :-1].numel()) if ids.dim() == 2 else int(ids.numel())
-        for v in batch.values():
-            if torch.is_tensor(v):
-                return int(v.numel())
-    return 1  # unknown batch type: let the model judge it
-
-
-def calib_batches(calib: Any, batch_size: int = 64, name: str = "calib") -> list:
-    """The calibration data as a list of batches: not ``None``, not empty, every batch with at
-    least one token, float features finite and token ids non-negative."""
-    from .metrics import _iter_batches
-
-    if calib is None:
-        raise ValueError(f"{name}: expected calibration data (a training-split Dataset or batches), got None")
-    try:
-        batches = list(_iter_batches(calib, batch_size))
-    except (TypeError, ValueError) as err:
-        msg = str(err)
-        msg = msg[len("data: "):] if msg.startswith("data: ") else msg
-        raise type(err)(f"{name}: {msg}") from None
-    if not batches:
-        raise ValueError(f"{name}: the calibration data is empty; pass a few batches of the training split")
-    for j, b in enumerate(batches):
-        if _count_tokens(b) == 0:
-            shapes = ({k: tuple(torch.as_tensor(v).shape) for k, v in b.items()} if isinstance(b, Mapping)
-                      else tuple(getattr(b, "shape", ())))
-            raise ValueError(f"{name}: batch {j} has no tokens (shapes {shapes}); expected input_ids [B, T+1] "
-                             "with T >= 1, or x [B, ...] with B >= 1")
-        values = b.values() if isinstance(b, Mapping) else [b]
-        for v in values:
-            if torch.is_tensor(v):
-                finite(f"{name} (batch {j})", v)
-                if not v.is_floating_point() and v.dtype != torch.bool and v.numel() and int(v.min()) < 0:
-                    raise ValueError(f"{name}: batch {j} has negative token ids (min {int(v.min())}); "
-                                     "expected ids in [0, vocab_size)")
-    return batches
-
-
-def token_ids_in_vocab(model: nn.Module, batches: list, name: str = "calib") -> None:
-    """Token ids of ``batches`` must be below ``model.config.vocab_size`` (when the model has one)."""
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    if not isinstance(vocab, int):
-        return
-    for j, b in enumerate(batches):
-        ids = b.get("input_ids") if isinstance(b, Mapping) else b
-        if torch.is_tensor(ids) and not ids.is_floating_point() and ids.numel() and int(ids.max()) >= vocab:
-            raise ValueError(f"{name}: batch {j} has token id {int(ids.max())}; expected ids in "
-                             f"[0, vocab_size={vocab}) (tokenized with this model's tokenizer?)")
+def positive_int(name: str, value: Any, allow_none: bool = False) -> int | None:
+    """``value`` must be an int >= 1 (not a bool), or ``None`` when ``allow_none``."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected a positive int{' or None' if allow_none else ''}, got {value!r}")
+    return value
 
 
 def int_in(name: str, value: Any, lo: int | None = None, hi: int | None = None) -> int:
@@ -146,3 +99,36 @@ def int_in(name: str, value: Any, lo: int | None = None, hi: int | None = None) 
         hi_s = "inf" if hi is None else hi
         raise ValueError(f"{name}: expected an integer in [{lo_s}, {hi_s}], got {value!r}")
     return value
+
+
+def keep_count(keep: Any, total: int, lo: int = 1, what: str = "experts per layer", bounds: str | None = None,
+               name: str = "keep") -> int:
+    """The size target ``keep`` of a compression function as a count in ``[lo, total]``.
+
+    One meaning for every technique: an int is the number of units kept, a float in (0, 1] the
+    fraction of ``total`` kept (rounded). ``bounds`` describes ``[lo, total]`` in the message
+    (default ``"between {lo} and {total}"``).
+    """
+    bounds = bounds or f"between {lo} and {total}"
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
+        raise ValueError(f"{name}: expected an int number of {what} or a fraction in (0, 1], got {keep!r}")
+    if isinstance(keep, float) and not 0 < keep <= 1:  # NaN fails too
+        raise ValueError(f"{name}: a fraction must be in (0, 1], got {keep!r}")
+    n = keep if isinstance(keep, int) else round(keep * total)
+    if not lo <= n <= total:
+        got = f"{keep!r}" if isinstance(keep, int) else f"{keep!r} -> {n}"
+        raise ValueError(f"{name}: expected {bounds} {what}, got {got}")
+    return n
+
+
+def keep_per_layer(keep: Any, layers: list, what: str = "experts per layer") -> list[int]:
+    """``keep`` experts for each MoE layer: one value for all (:func:`keep_count` of each layer's
+    experts, at least its ``k``) or a list with one value per layer."""
+    if isinstance(keep, (list, tuple)):
+        if len(keep) != len(layers):
+            raise ValueError(f"keep: expected one value per MoE layer ({len(layers)}), got {len(keep)}")
+        values, names = list(keep), [f"keep[{i}]" for i in range(len(layers))]
+    else:
+        values, names = [keep] * len(layers), ["keep"] * len(layers)
+    return [keep_count(v, layer.num_experts, layer.k, what, f"between k={layer.k} and num_experts={layer.num_experts}", n)
+            for v, layer, n in zip(values, layers, names)]

@@ -1,5 +1,5 @@
-"""The ``moe-course`` command: build the book, regenerate exercises, check the environment,
-print the compression table, grade students' notebooks.
+"""The ``moe-course`` command (chapter 0, how to run the course): build the book, regenerate
+exercises, check the environment, print the compression table, grade students' notebooks.
 
     moe-course book [--strict] [--all]          # jupyter-book build book/ (from stored outputs)
     moe-course exercises [--check]              # exercises/ from solutions/
@@ -37,7 +37,7 @@ from moe_course import __version__
 __all__ = ["main", "find_repo_root", "find_book_dir", "cache_dir"]
 
 DEFAULT_ZOO_MODELS = ("shakespeare-moe", "mnist1d-moe")
-TABLE_MODELS = ("shakespeare-moe", "mnist1d-moe")  # mirrors moe_course.compress.recipes.TABLE_MODELS
+TABLE_MODELS = ("shakespeare-moe", "mnist1d-moe")  # mirrors moe_course.course_table.TABLE_MODELS (not imported: torch)
 EXIT_CODES = """exit codes:
   0  success{extra0}
   1  {extra1}
@@ -265,12 +265,8 @@ def format_table(rows: Sequence[dict]) -> str:
 
 def _table_engine():
     """``(compression_table, plot_frontier)``, imported only when the command runs (torch, zoo)."""
-    recipes = importlib.import_module("moe_course.compress.recipes")
-    table = recipes.compression_table
-    plot = getattr(recipes, "plot_frontier", None)
-    if plot is None:
-        plot = importlib.import_module("moe_course.viz").plot_frontier
-    return table, plot
+    table = importlib.import_module("moe_course.course_table").compression_table
+    return table, importlib.import_module("moe_course.viz").plot_frontier
 
 
 def _cmd_table(args: argparse.Namespace) -> int:

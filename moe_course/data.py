@@ -1,4 +1,4 @@
-"""Real data, fully offline, handed around as ``datasets.Dataset`` objects.
+"""Real data, fully offline, handed around as ``datasets.Dataset`` objects (chapter 3 onwards).
 
 * Text: the complete Shakespeare plays (public domain), shipped inside this package as one
   xz-compressed JSON file (1.5 MB; 5 MB of text) in the classic "tiny-shakespeare" layout

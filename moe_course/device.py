@@ -1,4 +1,5 @@
-"""Pick the compute device and seed every random number generator the course uses.
+"""Pick the compute device and seed every random number generator the course uses (every chapter's
+first cell; chapter 0 explains the environment variables).
 
 The environment variable ``MOE_COURSE_DEVICE`` (e.g. ``cpu``, ``cuda``, ``cuda:1``, ``mps``) wins over
 everything, so a reader can pin a notebook to the CPU without editing it. ``MOE_COURSE_PRESET``
@@ -10,11 +11,14 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["ENV_VAR", "PRESET_ENV_VAR", "get_device", "seed_everything", "default_preset"]
+__all__ = ["ENV_VAR", "PRESET_ENV_VAR", "get_device", "seed_everything", "default_preset", "model_device",
+           "to_device"]
 
 ENV_VAR = "MOE_COURSE_DEVICE"
 PRESET_ENV_VAR = "MOE_COURSE_PRESET"
@@ -77,6 +81,24 @@ def get_device(prefer: str | torch.device | None = None) -> torch.device:
     if not isinstance(prefer, str):
         raise TypeError(f"prefer must be a str, torch.device or None, got {type(prefer).__name__}")
     return _parse(prefer, "prefer")
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where ``model`` lives: the device of its first parameter (or buffer); CPU for an empty module."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def to_device(batch: Any, device: torch.device | str) -> Any:
+    """``batch`` with every tensor moved to ``device`` (dicts recursively; anything else unchanged)."""
+    if torch.is_tensor(batch):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch
 
 
 def seed_everything(seed: int) -> None:

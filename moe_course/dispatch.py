@@ -1,4 +1,5 @@
-"""Token -> expert dispatch: three strategies that compute the same function.
+"""Token -> expert dispatch (chapter 2, section "fast dispatch"): three strategies that compute the
+same function.
 
 Given router decisions ``weights [T, k]`` and ``indices [T, k]``, every strategy computes
 
@@ -19,13 +20,12 @@ for the assignments kept by the capacity mask (a dropped assignment contributes 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .layers import Experts
+from moe_course import _validate
 
 STRATEGIES = ("naive", "loop", "grouped")
 # Measured with bench/dispatch.py on 2 CPU cores: for large batches the per-expert loop is
@@ -36,49 +36,37 @@ AUTO = {"cpu": "loop", "cuda": "grouped", "mps": "loop"}
 SMALL_BATCH_ASSIGNMENTS = 1024  # at or below this many token->expert assignments, CPU uses grouped
 
 
-def resolve_strategy(strategy: str, device: torch.device | str, num_assignments: int | None = None) -> str:
-    """Turn ``"auto"`` into a concrete strategy for ``device`` (and batch size); validate the name."""
-    if strategy == "auto":
-        kind = torch.device(device).type
-        if kind == "cpu" and num_assignments is not None and num_assignments <= SMALL_BATCH_ASSIGNMENTS:
-            return "grouped"
-        return AUTO.get(kind, "loop")
-    if strategy not in STRATEGIES:
-        raise ValueError(f"dispatch: expected one of {STRATEGIES + ('auto',)}, got {strategy!r}")
-    return strategy
+def dispatch(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    indices: torch.Tensor,
+    experts: ExpertsLike,
+    strategy: str = "auto",
+    keep: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Run the chosen experts on their tokens and mix the results with the gate weights.
 
-
-def capacity_mask(indices: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
-    """Which assignments fit in each expert's buffer of ``capacity`` slots (GShard / Switch).
-
-    Priority goes to first choices over second choices, then to earlier tokens (GShard's
-    order), so a token loses its second expert before anyone loses a first. Returns a bool
-    mask ``[T, k]``; ``False`` means the assignment is dropped.
+    Args:
+        x: ``[T, d_model]`` tokens.
+        weights: ``[T, k]`` gate weights (already renormalised or not: used as given).
+        indices: ``[T, k]`` expert ids in ``[0, num_experts)``.
+        experts: the stacked :class:`~moe_course.layers.Experts`.
+        strategy: ``"naive" | "loop" | "grouped" | "auto"``.
+        keep: optional bool ``[T, k]`` capacity mask; dropped assignments contribute 0.
+    Returns:
+        ``[T, d_model]``, ``sum_j w_tj E_{i_tj}(x_t)`` over kept assignments.
     """
-    if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
-        raise ValueError(f"capacity: expected an int >= 0, got {capacity!r}")
-    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
-        raise ValueError(f"num_experts: expected an integer in [1, inf], got {num_experts!r}")
-    if not torch.is_tensor(indices) or indices.dim() != 2 or indices.is_floating_point():
-        raise ValueError(f"indices: expected an integer tensor [T, k], got shape "
-                         f"{tuple(indices.shape) if torch.is_tensor(indices) else type(indices).__name__}")
-    t, k = indices.shape
-    flat = indices.t().reshape(-1)  # choice-major: all first choices, then all second ...
-    onehot = F.one_hot(flat, num_experts)
-    position = (onehot.cumsum(0) - 1).gather(1, flat[:, None]).squeeze(1)
-    return (position < capacity).view(k, t).t()
+    _check_dispatch(x, weights, indices, experts, keep)
+    resolved = resolve_strategy(strategy, x.device, indices.numel())
+    # Experts stored in a packed format bring their own kernels (e.g. QuantizedExperts: torch's
+    # weight-only int8/int4 matmuls), so "auto" and "loop" never dequantize all experts to run k.
+    runs_kernels = getattr(experts, "runs_kernels", None)
+    if runs_kernels is not None and (strategy == "auto" or resolved == "loop") and runs_kernels(x):
+        return experts.kernel_forward(x, weights.to(x.dtype), indices, keep)
+    return _IMPL[resolved](x, weights.to(x.dtype), indices, experts, keep)
 
 
-def _flatten(weights: torch.Tensor, indices: torch.Tensor, keep: torch.Tensor | None):
-    t, k = indices.shape
-    token = torch.arange(t, device=indices.device).repeat_interleave(k)
-    flat_idx, flat_w = indices.reshape(-1), weights.reshape(-1)
-    if keep is not None:
-        sel = keep.reshape(-1)
-        token, flat_idx, flat_w = token[sel], flat_idx[sel], flat_w[sel]
-    return token, flat_idx, flat_w
-
-
+# the three strategies ----------------------------------------------------------------------
 def _naive(x, weights, indices, experts, keep):
     rows = []
     idx, kept = indices.tolist(), (keep.tolist() if keep is not None else None)
@@ -109,19 +97,6 @@ def _loop(x, weights, indices, experts, keep):
     return out
 
 
-def _grouped_ok(experts, x) -> bool:
-    # grouped_mm needs inner dims that are multiples of 16 bytes.
-    align = 16 // x.element_size()
-    return hasattr(F, "grouped_mm") and experts.d_model % align == 0 and experts.d_hidden % align == 0
-
-
-def _gmm(a, w, offs, counts):
-    if offs is not None:
-        return F.grouped_mm(a, w, offs=offs)
-    # Fallback with the same semantics: one matmul per group.
-    return torch.cat([chunk @ w[e] for e, chunk in enumerate(a.split(counts))])
-
-
 def _grouped(x, weights, indices, experts, keep):
     token, flat_idx, flat_w = _flatten(weights, indices, keep)
     if flat_idx.numel() == 0:
@@ -139,52 +114,97 @@ def _grouped(x, weights, indices, experts, keep):
     return x.new_zeros(x.shape).index_add_(0, tok, y)
 
 
+def _grouped_ok(experts, x) -> bool:
+    # grouped_mm needs inner dims that are multiples of 16 bytes.
+    align = 16 // x.element_size()
+    return hasattr(F, "grouped_mm") and experts.d_model % align == 0 and experts.d_hidden % align == 0
+
+
+def _gmm(a, w, offs, counts):
+    if offs is not None:
+        return F.grouped_mm(a, w, offs=offs)
+    # Fallback with the same semantics: one matmul per group.
+    return torch.cat([chunk @ w[e] for e, chunk in enumerate(a.split(counts))])
+
+
+def _flatten(weights: torch.Tensor, indices: torch.Tensor, keep: torch.Tensor | None):
+    t, k = indices.shape
+    token = torch.arange(t, device=indices.device).repeat_interleave(k)
+    flat_idx, flat_w = indices.reshape(-1), weights.reshape(-1)
+    if keep is not None:
+        sel = keep.reshape(-1)
+        token, flat_idx, flat_w = token[sel], flat_idx[sel], flat_w[sel]
+    return token, flat_idx, flat_w
+
+
 _IMPL = {"naive": _naive, "loop": _loop, "grouped": _grouped}
 
 
-def dispatch(
-    x: torch.Tensor,
-    weights: torch.Tensor,
-    indices: torch.Tensor,
-    experts: "Experts",
-    strategy: str = "auto",
-    keep: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Run the chosen experts on their tokens and mix the results with the gate weights.
+def capacity_mask(indices: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
+    """Which assignments fit in each expert's buffer of ``capacity`` slots (GShard / Switch).
 
-    Args:
-        x: ``[T, d_model]`` tokens.
-        weights: ``[T, k]`` gate weights (already renormalised or not: used as given).
-        indices: ``[T, k]`` expert ids in ``[0, num_experts)``.
-        experts: the stacked :class:`~moe_course.layers.Experts`.
-        strategy: ``"naive" | "loop" | "grouped" | "auto"``.
-        keep: optional bool ``[T, k]`` capacity mask; dropped assignments contribute 0.
-    Returns:
-        ``[T, d_model]``, ``sum_j w_tj E_{i_tj}(x_t)`` over kept assignments.
+    Priority goes to first choices over second choices, then to earlier tokens (GShard's
+    order), so a token loses its second expert before anyone loses a first. Returns a bool
+    mask ``[T, k]``; ``False`` means the assignment is dropped.
     """
-    from .layers import Experts
+    _check_capacity(indices, num_experts, capacity)
+    t, k = indices.shape
+    flat = indices.t().reshape(-1)  # choice-major: all first choices, then all second ...
+    onehot = F.one_hot(flat, num_experts)
+    position = (onehot.cumsum(0) - 1).gather(1, flat[:, None]).squeeze(1)
+    return (position < capacity).view(k, t).t()
 
-    if not isinstance(experts, Experts):
+
+def resolve_strategy(strategy: str, device: torch.device | str, num_assignments: int | None = None) -> str:
+    """Turn ``"auto"`` into a concrete strategy for ``device`` (and batch size); validate the name."""
+    if strategy == "auto":
+        kind = torch.device(device).type
+        if kind == "cpu" and num_assignments is not None and num_assignments <= SMALL_BATCH_ASSIGNMENTS:
+            return "grouped"
+        return AUTO.get(kind, "loop")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"dispatch: expected one of {STRATEGIES + ('auto',)}, got {strategy!r}")
+    return strategy
+
+
+# --------------------------------------------------------------------------------------------
+# argument checks, kept out of the algorithms above. Shapes and dtypes only (free): ids in range
+# and finite weights are not checked, that would synchronise the GPU on every forward.
+# --------------------------------------------------------------------------------------------
+@runtime_checkable
+class ExpertsLike(Protocol):
+    """What dispatch needs from :class:`moe_course.layers.Experts` (and its compressed forms)."""
+
+    num_experts: int
+    d_model: int
+    d_hidden: int
+
+    def weights(self, dtype: torch.dtype | None = None): ...
+
+    def act(self, h: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor: ...
+
+    def expert_forward(self, i: int, x: torch.Tensor) -> torch.Tensor: ...
+
+
+def _check_dispatch(x, weights, indices, experts, keep) -> None:
+    if not isinstance(experts, ExpertsLike):
         raise TypeError(f"experts: expected a moe_course.layers.Experts, got {type(experts).__name__}")
-    # Shapes and dtypes only (free); ids in range and finite weights are not checked: that would
-    # synchronise the GPU on every forward.
     if x.dim() != 2 or x.shape[-1] != experts.d_model:
         raise ValueError(f"x: expected shape [T, d_model={experts.d_model}], got {tuple(x.shape)}")
     if indices.shape != weights.shape or indices.dim() != 2 or indices.shape[0] != x.shape[0]:
-        raise ValueError(
-            f"weights/indices: expected matching shapes [T={x.shape[0]}, k], "
-            f"got {tuple(weights.shape)} and {tuple(indices.shape)}"
-        )
+        raise ValueError(f"weights/indices: expected matching shapes [T={x.shape[0]}, k], "
+                         f"got {tuple(weights.shape)} and {tuple(indices.shape)}")
     if indices.is_floating_point() or indices.dtype == torch.bool:
         raise TypeError(f"indices: expected an integer tensor of expert ids, got {indices.dtype}")
     if keep is not None and keep.shape != indices.shape:
         raise ValueError(f"keep: expected shape {tuple(indices.shape)}, got {tuple(keep.shape)}")
     if keep is not None and keep.dtype != torch.bool:
         raise TypeError(f"keep: expected a bool mask, got {keep.dtype}")
-    resolved = resolve_strategy(strategy, x.device, indices.numel())
-    # Experts stored in a packed format bring their own kernels (e.g. QuantizedExperts: torch's
-    # weight-only int8/int4 matmuls), so "auto" and "loop" never dequantize all experts to run k.
-    runs_kernels = getattr(experts, "runs_kernels", None)
-    if runs_kernels is not None and (strategy == "auto" or resolved == "loop") and runs_kernels(x):
-        return experts.kernel_forward(x, weights.to(x.dtype), indices, keep)
-    return _IMPL[resolved](x, weights.to(x.dtype), indices, experts, keep)
+
+
+def _check_capacity(indices, num_experts, capacity) -> None:
+    _validate.int_in("capacity", capacity, 0)
+    _validate.int_in("num_experts", num_experts, 1)
+    if not torch.is_tensor(indices) or indices.dim() != 2 or indices.is_floating_point():
+        raise ValueError(f"indices: expected an integer tensor [T, k], got shape "
+                         f"{tuple(indices.shape) if torch.is_tensor(indices) else type(indices).__name__}")

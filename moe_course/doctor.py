@@ -1,4 +1,5 @@
-"""``moe-course doctor``: find the environment problems that break the course, and say the fix.
+"""``moe-course doctor`` (chapter 0, how to run): find the environment problems that break the course,
+and say the fix.
 
 Every check returns a :class:`Finding` and never raises: a broken environment is exactly when a
 traceback helps least. The checks, each a problem seen on real machines:

@@ -1,4 +1,5 @@
-"""Generate the student notebooks in ``exercises/`` from the single source in ``solutions/``.
+"""Generate the student notebooks in ``exercises/`` (one for each of chapters 1 to 11) from the single
+source in ``solutions/``.
 
 ``solutions/NN_topic.ipynb`` holds complete, executed solutions. Code to hide sits between a line
 ``### BEGIN SOLUTION`` and a line ``### END SOLUTION`` (nbgrader's markers, so instructors can also

@@ -1,4 +1,5 @@
-r"""μMoE: multilinear mixtures of experts with factorised weight tensors (Oldfield et al., 2024).
+r"""μMoE (chapter 10): multilinear mixtures of experts with factorised weight tensors (Oldfield et al.,
+2024).
 
 A soft mixture of ``N`` linear experts is one third-order tensor ``W`` of shape
 ``N x (I+1) x O`` (the bias is folded in by appending a 1 to the input, :math:`\bar z = [z; 1]`):
@@ -38,12 +39,12 @@ import string
 from typing import Callable, Sequence
 
 import torch
-from torch.overrides import TorchFunctionMode
 import torch.nn as nn
 import torch.nn.functional as F
 
+from moe_course import models
+
 __all__ = [
-    "LargestIntermediate",
     "GATE_ACTIVATIONS",
     "NORMALIZATIONS",
     "FACTORIZATIONS",
@@ -64,7 +65,6 @@ __all__ = [
     "cp_rank_for_budget",
     "tr_rank_for_budget",
     "build_mumoe_ffn",
-    "register_with_models",
 ]
 
 GATE_ACTIVATIONS = ("entmax15", "softmax")
@@ -885,37 +885,7 @@ def build_mumoe_ffn(cfg, factorization: str = "cp") -> MuMoEBlock:
                       normalization=options.get("normalization", "ln"), gate=options.get("gate", "entmax15"))
 
 
-def register_with_models() -> bool:
-    """Register ``"mumoe-cp"`` and ``"mumoe-tr"`` feed-forwards with :mod:`moe_course.models`.
-
-    Returns ``False`` (and does nothing) when the models module has no ``register_ffn`` yet.
-    """
-    try:
-        from moe_course import models
-    except ImportError:  # pragma: no cover
-        return False
-    register = getattr(models, "register_ffn", None)
-    if register is None:
-        return False
-    register("mumoe-cp", lambda cfg: build_mumoe_ffn(cfg, "cp"))
-    register("mumoe-tr", lambda cfg: build_mumoe_ffn(cfg, "tr"))
-    return True
-
-
-register_with_models()
-
-
-class LargestIntermediate(TorchFunctionMode):
-    """Records the largest tensor (in elements) any torch function returns while active: the
-    check that a factorized forward never materialises the expert weight tensor."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if torch.is_tensor(t):
-                self.largest = max(self.largest, t.numel())
-        return out
+# The models' extension point: importing this module makes ``ffn="mumoe-cp"`` / ``"mumoe-tr"`` valid
+# in a model config (models sits below this module and never imports it).
+models.register_ffn("mumoe-cp", lambda cfg: build_mumoe_ffn(cfg, "cp"))
+models.register_ffn("mumoe-tr", lambda cfg: build_mumoe_ffn(cfg, "tr"))

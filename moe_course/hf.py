@@ -1,4 +1,4 @@
-r"""A bridge to Hugging Face ``transformers`` MoE models: :func:`from_hf`, :func:`to_hf`.
+r"""A bridge to Hugging Face ``transformers`` MoE models (chapter 12, "A real checkpoint"): :func:`from_hf`, :func:`to_hf`.
 
 :func:`from_hf` takes a transformers 5 causal LM and returns the same model with every MoE block
 replaced by the course's :class:`HFSparseMoE` (a :class:`~moe_course.layers.SparseMoE` with a
@@ -1013,7 +1013,7 @@ def from_pretrained(path: str | os.PathLike, *, dispatch: str = "auto", **kwargs
 # --------------------------------------------------------------------------------------------
 class LogitsOnly(nn.Module):
     """``model(ids).logits`` as a module, for course functions that expect a model returning a
-    logits tensor (:func:`moe_course.compress.distillation.distill`, :func:`moe_course.train.evaluate`).
+    logits tensor (:func:`moe_course.compress.distillation.train_student`, :func:`moe_course.train.evaluate`).
     Parameters are the wrapped model's (training the wrapper trains it in place); ``aux_loss`` sums
     the bridged MoE layers' Switch balance losses times ``aux_weight``."""
 

@@ -1,4 +1,5 @@
-"""MoE building blocks: stacked experts, the top-k router, soft (dense) and sparse MoE layers.
+"""MoE building blocks (chapter 1: experts and the soft MoE; chapter 2: the top-k router and the
+sparse MoE layer): stacked experts, the top-k router, soft (dense) and sparse MoE layers.
 
 Every MoE layer in the package follows one protocol (:class:`MoELayer`): a ``router``
 (:class:`TopKRouter`, whose ``gate`` is a ``Linear(d_model, E)``), an ``experts``
@@ -15,15 +16,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import _validate
 from .dispatch import STRATEGIES, capacity_mask, dispatch
 from .losses import load_balancing_loss, router_z_loss
 
 ACTIVATIONS = ("gelu", "swiglu")
-
-
-def _check_positive_int(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name}: expected a positive integer, got {value!r}")
 
 
 class Experts(nn.Module):
@@ -33,15 +30,17 @@ class Experts(nn.Module):
     :math:`W^{out}_i\,(\mathrm{silu}(W^{gate}_i x) \odot W^{in}_i x)` with SwiGLU (Shazeer 2020,
     as in Mixtral). Shapes: ``w_in``/``w_gate`` ``[E, d_model, d_hidden]``, ``w_out``
     ``[E, d_hidden, d_model]`` (row vectors: ``x @ w_in[i]``). Stacking makes pruning, merging
-    and quantizing index operations; ``experts[i]`` still gives one readable expert.
+    and quantizing index operations; ``experts[i]`` still gives one readable expert. In HF
+    transformers' MoE models (chapter 12) the same stacks are ``gate_up_proj [E, 2 d_hidden, d_model]``
+    (``w_gate`` and ``w_in``, transposed, concatenated) and ``down_proj [E, d_model, d_hidden]``
+    (``w_out`` transposed).
     """
+
+    compressed = False  # stored as plain fp32 stacks (see CompressedExperts)
 
     def __init__(self, num_experts: int, d_model: int, d_hidden: int, activation: str = "gelu"):
         super().__init__()
-        for name, v in (("num_experts", num_experts), ("d_model", d_model), ("d_hidden", d_hidden)):
-            _check_positive_int(name, v)
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
+        _check_experts_args(num_experts, d_model, d_hidden, activation)
         self.activation = activation
         bound_in, bound_out = 1 / math.sqrt(d_model), 1 / math.sqrt(d_hidden)
         self.w_in = nn.Parameter(torch.empty(num_experts, d_model, d_hidden).uniform_(-bound_in, bound_in))
@@ -123,6 +122,8 @@ class CompressedExperts(Experts):
     stay those of the function computed; subclasses store their tensors and override
     :meth:`weights` (every dispatch strategy goes through it) and ``params_per_expert``.
     """
+
+    compressed = True  # techniques that rewrite expert weights refuse these (moe_course._validate)
 
     def __init__(self, source: Experts):
         nn.Module.__init__(self)  # no dense fp32 parameters: subclasses register their own storage
@@ -218,10 +219,7 @@ class TopKRouter(nn.Module):
 
     def __init__(self, d_model: int, num_experts: int, k: int, noisy: bool = False, renormalize: bool = True):
         super().__init__()
-        _check_positive_int("d_model", d_model)
-        _check_positive_int("num_experts", num_experts)
-        if not isinstance(k, int) or not 1 <= k <= num_experts:
-            raise ValueError(f"k: expected an integer in [1, num_experts={num_experts}], got {k!r}")
+        _check_router_args(d_model, num_experts, k)
         self.k, self.noisy, self.renormalize = k, bool(noisy), bool(renormalize)
         self.gate = nn.Linear(d_model, num_experts, bias=False)
         self.noise = nn.Linear(d_model, num_experts, bias=False) if noisy else None
@@ -276,14 +274,8 @@ class MoELayer(nn.Module):
         return self.experts.d_model
 
     def _flatten_input(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.is_tensor(x):
-            raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
-        # Shape and dtype checks only: they cost nothing. No NaN/inf check here: it would synchronise
-        # the GPU on every forward of every MoE layer (NaNs surface in the loss, which fit() stops on).
-        if not x.is_floating_point():
-            raise TypeError(f"x: expected a floating-point tensor, got {x.dtype}")
-        if x.dim() < 1 or x.shape[-1] != self.d_model:
-            raise ValueError(f"x: expected last dimension d_model={self.d_model}, got shape {tuple(x.shape)}")
+        """``[..., d_model] -> [T, d_model]``: every token of the batch, one per row."""
+        _check_layer_input(x, self.d_model)
         return x.reshape(-1, self.d_model)
 
     def _record(self, r: RouterOutput) -> None:
@@ -364,13 +356,7 @@ class SparseMoE(MoELayer):
                  dispatch: str = "auto", activation: str = "gelu", noisy: bool = False,
                  renormalize: bool = True):
         super().__init__()
-        if capacity_factor is not None and not (isinstance(capacity_factor, (int, float)) and not isinstance(capacity_factor, bool)
-                                                and math.isfinite(capacity_factor) and capacity_factor > 0):
-            raise ValueError(f"capacity_factor: expected None or a finite number > 0, got {capacity_factor!r}")
-        if not isinstance(num_shared_experts, int) or num_shared_experts < 0:
-            raise ValueError(f"num_shared_experts: expected an integer >= 0, got {num_shared_experts!r}")
-        if dispatch != "auto" and dispatch not in STRATEGIES:
-            raise ValueError(f"dispatch: expected one of {STRATEGIES + ('auto',)}, got {dispatch!r}")
+        _check_sparse_args(capacity_factor, num_shared_experts, dispatch)
         self.router = TopKRouter(d_model, num_experts, k, noisy=noisy, renormalize=renormalize)
         self.experts = Experts(num_experts, d_model, d_hidden, activation)
         self.shared = Experts(num_shared_experts, d_model, d_hidden, activation) if num_shared_experts else None
@@ -420,3 +406,40 @@ def require_moe_layers(model: nn.Module, action: str = "compress") -> list[MoELa
     if not layers:
         raise ValueError(f"model: {type(model).__name__} has no MoE layers (moe_course.layers.MoELayer) to {action}")
     return layers
+
+
+# --------------------------------------------------------------------------------------------
+# argument checks, kept out of the layers above. Shapes and dtypes only: a NaN/inf check in a
+# forward would synchronise the GPU on every call (NaNs surface in the loss, which fit() stops on).
+# --------------------------------------------------------------------------------------------
+def _check_experts_args(num_experts, d_model, d_hidden, activation) -> None:
+    for name, v in (("num_experts", num_experts), ("d_model", d_model), ("d_hidden", d_hidden)):
+        _validate.positive_int(name, v)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
+
+
+def _check_router_args(d_model, num_experts, k) -> None:
+    _validate.positive_int("d_model", d_model)
+    _validate.positive_int("num_experts", num_experts)
+    if not isinstance(k, int) or not 1 <= k <= num_experts:
+        raise ValueError(f"k: expected an integer in [1, num_experts={num_experts}], got {k!r}")
+
+
+def _check_sparse_args(capacity_factor, num_shared_experts, dispatch) -> None:
+    if capacity_factor is not None and not (isinstance(capacity_factor, (int, float)) and not isinstance(capacity_factor, bool)
+                                            and math.isfinite(capacity_factor) and capacity_factor > 0):
+        raise ValueError(f"capacity_factor: expected None or a finite number > 0, got {capacity_factor!r}")
+    if not isinstance(num_shared_experts, int) or num_shared_experts < 0:
+        raise ValueError(f"num_shared_experts: expected an integer >= 0, got {num_shared_experts!r}")
+    if dispatch != "auto" and dispatch not in STRATEGIES:
+        raise ValueError(f"dispatch: expected one of {STRATEGIES + ('auto',)}, got {dispatch!r}")
+
+
+def _check_layer_input(x, d_model: int) -> None:
+    if not torch.is_tensor(x):
+        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x: expected a floating-point tensor, got {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] != d_model:
+        raise ValueError(f"x: expected last dimension d_model={d_model}, got shape {tuple(x.shape)}")

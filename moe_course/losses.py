@@ -1,8 +1,13 @@
-"""Auxiliary router losses: Switch load balancing and ST-MoE router z-loss."""
+"""Auxiliary router losses (chapter 2, section "load balancing"): Switch load balancing, the
+ST-MoE router z-loss, and the CV² balance measure of Shazeer et al."""
 
 from __future__ import annotations
 
 import torch
+
+from moe_course import _validate
+
+__all__ = ["load_balancing_loss", "router_z_loss", "coefficient_of_variation_sq"]
 
 
 def load_balancing_loss(probs: torch.Tensor, indices: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -21,17 +26,12 @@ def load_balancing_loss(probs: torch.Tensor, indices: torch.Tensor, num_experts:
         indices: ``[T, k]`` chosen experts.
         num_experts: ``N``.
     """
-    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
-        raise ValueError(f"num_experts: expected an integer in [1, inf], got {num_experts!r}")
-    if probs.dim() != 2 or probs.shape[-1] != num_experts:
-        raise ValueError(f"probs: expected shape [T, num_experts={num_experts}], got {tuple(probs.shape)}")
-    if indices.dim() != 2 or indices.shape[0] != probs.shape[0]:
-        raise ValueError(f"indices: expected shape [T={probs.shape[0]}, k], got {tuple(indices.shape)}")
+    _check_routing(probs, indices, num_experts)
     if probs.shape[0] == 0:
         return probs.new_zeros(())
     counts = torch.bincount(indices.reshape(-1), minlength=num_experts).to(probs.dtype)
-    f = counts / indices.numel()
-    p = probs.mean(dim=0)
+    f = counts / indices.numel()        # [N] fraction of assignments
+    p = probs.mean(dim=0)               # [N] mean router probability
     return num_experts * torch.sum(f * p)
 
 
@@ -60,4 +60,10 @@ def coefficient_of_variation_sq(x: torch.Tensor) -> torch.Tensor:
     return x.var(unbiased=False) / (x.mean().pow(2) + 1e-10)
 
 
-__all__ = ["load_balancing_loss", "router_z_loss", "coefficient_of_variation_sq"]
+# argument checks, kept out of the losses above (shapes only: free, no GPU synchronisation) -----------
+def _check_routing(probs: torch.Tensor, indices: torch.Tensor, num_experts: int) -> None:
+    _validate.int_in("num_experts", num_experts, 1)
+    if probs.dim() != 2 or probs.shape[-1] != num_experts:
+        raise ValueError(f"probs: expected shape [T, num_experts={num_experts}], got {tuple(probs.shape)}")
+    if indices.dim() != 2 or indices.shape[0] != probs.shape[0]:
+        raise ValueError(f"indices: expected shape [T={probs.shape[0]}, k], got {tuple(indices.shape)}")

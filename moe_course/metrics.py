@@ -43,6 +43,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from . import _validate
+from .calib import count_tokens, evaluating, forward, iter_batches
+from .device import to_device
 from .layers import Experts, MoELayer, RouterOutput, moe_layers
 from .losses import coefficient_of_variation_sq
 
@@ -260,9 +263,7 @@ def size_report(model: nn.Module, context_length: int | None = None) -> SizeRepo
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
-    if context_length is not None and (isinstance(context_length, bool) or not isinstance(context_length, int)
-                                       or context_length < 1):
-        raise ValueError(f"context_length: expected a positive int or None, got {context_length!r}")
+    _validate.positive_int("context_length", context_length, allow_none=True)
     layers = moe_layers(model)
     in_moe = {id(m) for layer in layers for m in layer.modules()}
 
@@ -326,114 +327,6 @@ def size_report(model: nn.Module, context_length: int | None = None) -> SizeRepo
         experts_per_layer=[layer.num_experts for layer in layers],
         k_per_layer=[layer.k for layer in layers],
     )
-
-
-# --------------------------------------------------------------------------------------------
-# running a model on batches
-# --------------------------------------------------------------------------------------------
-def _model_device(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
-def _to(obj: Any, device: torch.device) -> Any:
-    if torch.is_tensor(obj):
-        return obj.to(device)
-    if isinstance(obj, Mapping):
-        return {k: _to(v, device) for k, v in obj.items()}
-    return obj
-
-
-def _forward(model: nn.Module, batch: Any) -> Any:
-    """Run ``model`` on one batch in the package's formats.
-
-    A tensor is passed as is. A dict follows the training format: ``{"input_ids": [B, T+1]}``
-    feeds ``input_ids[:, :-1]``, ``{"x": ...}`` feeds ``x``; any other dict is ``model(**batch)``.
-    """
-    if torch.is_tensor(batch):
-        return model(batch)
-    if isinstance(batch, Mapping):
-        if "input_ids" in batch:
-            ids = torch.as_tensor(batch["input_ids"])
-            return model(ids[:, :-1])
-        if "x" in batch:
-            return model(torch.as_tensor(batch["x"]))
-        return model(**batch)
-    raise TypeError(f"batch: expected a tensor or a dict of tensors, got {type(batch).__name__}")
-
-
-def _count_tokens(batch: Any) -> int:
-    """Token ids count one each; a batch of feature vectors counts one per example."""
-    if torch.is_tensor(batch):
-        floating = batch.is_floating_point() or batch.is_complex()
-        return int(batch.shape[0]) if floating and batch.dim() else int(batch.numel())
-    if isinstance(batch, Mapping):
-        if "input_ids" in batch:
-            ids = torch.as_tensor(batch["input_ids"])
-            return int(ids[:, :-1].numel())
-        for value in batch.values():
-            if torch.is_tensor(value):
-                return _count_tokens(value)
-    return 0
-
-
-@contextmanager
-def _evaluating(model: nn.Module, device: torch.device | str | None):
-    """Eval mode (and ``device``) inside; every module's mode and the device restored after."""
-    modes = [(m, m.training) for m in model.modules()]
-    home = _model_device(model)
-    target = torch.device(device) if device is not None else home
-    try:
-        if target != home:
-            model.to(target)
-        model.eval()
-        yield target
-    finally:
-        for m, mode in modes:
-            m.training = mode
-        if target != home:
-            model.to(home)
-
-
-def _is_dataset(data: Any) -> bool:
-    return hasattr(data, "column_names") and hasattr(data, "__len__") and hasattr(data, "__getitem__")
-
-
-def _iter_batches(data: Any, batch_size: int) -> Iterator[Any]:
-    """Batches from a ``datasets.Dataset``, a tensor or dict of tensors (chunked by rows), or an
-    iterable of ready batches."""
-    if isinstance(data, Mapping) and data and all(_is_dataset(v) for v in data.values()):
-        raise TypeError(f"data: got a DatasetDict with splits {list(data)}; pass one split, e.g. data['validation']")
-    if _is_dataset(data):
-        cols = [c for c in ("input_ids", "x") if c in data.column_names]
-        if not cols:
-            raise ValueError(f"data: expected a column 'input_ids' or 'x', got columns {data.column_names}")
-        for start in range(0, len(data), batch_size):
-            rows = data[start:start + batch_size]
-            yield {cols[0]: torch.as_tensor(rows[cols[0]])}
-    elif torch.is_tensor(data):
-        yield from data.split(batch_size)
-    elif isinstance(data, Mapping):
-        tensors = {k: torch.as_tensor(v) for k, v in data.items() if torch.is_tensor(v) or isinstance(v, list)}
-        n = len(next(iter(tensors.values()))) if tensors else 0
-        for start in range(0, n, batch_size):
-            yield {k: v[start:start + batch_size] for k, v in tensors.items()}
-    elif isinstance(data, Iterable) and not isinstance(data, (str, bytes)):
-        yield from data
-    else:
-        raise TypeError(f"data: expected a datasets.Dataset, a tensor, a dict of tensors or an iterable "
-                        f"of batches, got {type(data).__name__}")
-
-
-def _check_positive(name: str, value: Any, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        extra = " or None" if allow_none else ""
-        raise ValueError(f"{name}: expected a positive int{extra}, got {value!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -505,7 +398,7 @@ def latency(
         tokens: tokens per run for ``tokens_per_s``; default from the batch (token ids count one
             each, float inputs one per row, a callable 0).
     """
-    _check_positive("repeats", repeats)
+    _validate.positive_int("repeats", repeats)
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise ValueError(f"warmup: expected an int >= 0, got {warmup!r}")
     is_fn = callable(batch) and not torch.is_tensor(batch) and not isinstance(batch, nn.Module)
@@ -514,22 +407,22 @@ def latency(
     if model is not None and not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module or None, got {type(model).__name__}")
     if tokens is None:
-        tokens = 0 if is_fn else _count_tokens(batch)
+        tokens = 0 if is_fn else count_tokens(batch)
 
     @contextmanager
     def context():
         if model is None:
             yield torch.device(device) if device is not None else torch.device("cpu")
         else:
-            with _evaluating(model, device) as dev:
+            with evaluating(model, device) as dev:
                 yield dev
 
     with context() as dev, torch.inference_mode():
         if is_fn:
             run = batch
         else:
-            moved = _to(batch, dev)
-            run = lambda: _forward(model, moved)  # noqa: E731
+            moved = to_device(batch, dev)
+            run = lambda: forward(model, moved)  # noqa: E731
         for _ in range(warmup):
             run()
         times = [timed_ms(run, dev) for _ in range(repeats)]
@@ -743,8 +636,8 @@ def routing_stats(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
-    _check_positive("batch_size", batch_size)
-    _check_positive("max_batches", max_batches, allow_none=True)
+    _validate.positive_int("batch_size", batch_size)
+    _validate.positive_int("max_batches", max_batches, allow_none=True)
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
         raise ValueError(f"max_tokens: expected an int >= 0, got {max_tokens!r}")
     names = {id(m): n for n, m in model.named_modules()}
@@ -759,11 +652,11 @@ def routing_stats(
     try:
         for layer, rec in zip(layers, recorders):
             handles.append(layer.register_forward_hook(rec))
-        with _evaluating(model, device) as dev, torch.inference_mode():
-            for batch in _iter_batches(data, batch_size):
+        with evaluating(model, device) as dev, torch.inference_mode():
+            for batch in iter_batches(data, batch_size):
                 if max_batches is not None and n_batches >= max_batches:
                     break
-                _forward(model, _to(batch, dev))
+                forward(model, to_device(batch, dev))
                 n_batches += 1
     finally:
         for h in handles:

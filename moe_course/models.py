@@ -1,4 +1,4 @@
-"""The course's two model families and their presets.
+"""The course's two model families (chapter 3, "the zoo models"; their presets live in ``zoo``).
 
 * :class:`MoETransformerLM`: a decoder-only, character-level Transformer (GPT-2 layout: learned
   positions, pre-LN blocks, tied LM head; Radford et al. 2019) whose feed-forward sublayers are
@@ -17,7 +17,6 @@ The training loss is ``task loss + aux_loss_weight * sum_l balance_l + z_loss_we
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import math
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -27,14 +26,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_course.dispatch import STRATEGIES as DISPATCH_STRATEGIES
-from moe_course.layers import MoELayer, SoftMoE, SparseMoE, moe_layers
-from moe_course.train import TrainConfig
+from moe_course.layers import ACTIVATIONS, MoELayer, SoftMoE, SparseMoE, moe_layers
 
 FFN_KINDS = ("moe", "soft", "dense")
-# Feed-forward kinds added by other modules (e.g. moe_course.factorized registers "mumoe-cp" and
-# "mumoe-tr"): name -> builder(cfg) -> nn.Module. Modules named here are imported on first use.
+# Feed-forward kinds added by modules above this one: name -> builder(cfg) -> nn.Module. They
+# register on import (``import moe_course.factorized`` adds "mumoe-cp" and "mumoe-tr").
 _FFN_BUILDERS: dict[str, Any] = {}
-_FFN_PROVIDERS = {"mumoe-cp": "moe_course.factorized", "mumoe-tr": "moe_course.factorized"}
 
 
 def register_ffn(name: str, builder) -> None:
@@ -46,14 +43,7 @@ def register_ffn(name: str, builder) -> None:
     _FFN_BUILDERS[name] = builder
 
 
-def _ffn_builder(name: str):
-    if name not in _FFN_BUILDERS and name in _FFN_PROVIDERS:
-        importlib.import_module(_FFN_PROVIDERS[name])  # registers its kinds on import
-    return _FFN_BUILDERS.get(name)
-ACTIVATIONS = ("gelu", "swiglu")
 MIXERS = ("conv", "attention", "none")
-MODEL_NAMES = ("shakespeare-moe", "mnist1d-moe")
-PRESET_NAMES = ("cpu", "gpu", "test")
 
 
 # --------------------------------------------------------------------------------------------
@@ -110,9 +100,10 @@ class _FFNConfig:
         _check_int("num_shared_experts", self.num_shared_experts, lo=0)
         if self.d_model % self.n_heads:
             raise ValueError(f"n_heads={self.n_heads} must divide d_model={self.d_model}")
-        if self.ffn not in FFN_KINDS and _ffn_builder(self.ffn) is None:
-            known = FFN_KINDS + tuple(sorted(set(_FFN_BUILDERS) | set(_FFN_PROVIDERS)))
-            raise ValueError(f"ffn must be one of {known}, got {self.ffn!r}")
+        if self.ffn not in FFN_KINDS and self.ffn not in _FFN_BUILDERS:
+            known = FFN_KINDS + tuple(sorted(_FFN_BUILDERS))
+            raise ValueError(f"ffn must be one of {known}, got {self.ffn!r} (other kinds register on import: "
+                             "import moe_course.factorized for 'mumoe-cp' and 'mumoe-tr')")
         if not isinstance(self.ffn_options, dict):
             raise TypeError(f"ffn_options must be a dict, got {type(self.ffn_options).__name__}")
         if self.activation not in ACTIVATIONS:
@@ -239,7 +230,7 @@ class DenseFFN(nn.Module):
 def make_ffn(cfg: _FFNConfig) -> nn.Module:
     """The feed-forward sublayer ``cfg.ffn`` asks for."""
     if cfg.ffn not in FFN_KINDS:
-        return _ffn_builder(cfg.ffn)(cfg)
+        return _FFN_BUILDERS[cfg.ffn](cfg)
     if cfg.ffn == "dense":
         return DenseFFN(cfg.d_model, cfg.d_hidden, cfg.activation)
     if cfg.ffn == "soft":
@@ -615,65 +606,6 @@ class MoEClassifier(_MoEModel):
         return ce + aux, {"ce": float(ce.detach()), "accuracy": float(acc), **metrics}
 
 
-# --------------------------------------------------------------------------------------------
-# presets
-# --------------------------------------------------------------------------------------------
-def _presets() -> dict[tuple[str, str], tuple[_FFNConfig, TrainConfig]]:
-    # cpu: measured to train in about a minute on 2 cores (the zoo records train_seconds); the LM
-    # is small and short-trained (validation perplexity ~7-9 on unseen plays, seed-dependent),
-    # the classifier reaches ~98% on MNIST-1D test; both leave visible room for compression damage.
-    return {
-        ("test", "shakespeare-moe"): (
-            LMConfig(d_model=32, n_layers=2, n_heads=2, num_experts=4, k=2, d_hidden=32, context_length=32),
-            TrainConfig(steps=30, batch_size=16, lr=3e-3, warmup_steps=5, eval_every=0, eval_batches=4),
-        ),
-        ("test", "mnist1d-moe"): (
-            ClassifierConfig(d_model=32, n_layers=1, n_heads=2, num_experts=4, k=2, d_hidden=32),
-            TrainConfig(steps=30, batch_size=64, lr=3e-3, warmup_steps=5, eval_every=0, eval_batches=4),
-        ),
-        ("cpu", "shakespeare-moe"): (
-            LMConfig(d_model=96, n_layers=4, n_heads=4, num_experts=8, k=2, d_hidden=64,
-                     activation="swiglu", context_length=64),
-            TrainConfig(steps=600, batch_size=32, lr=3e-3, warmup_steps=50, eval_every=200, eval_batches=8),
-        ),
-        ("cpu", "mnist1d-moe"): (
-            ClassifierConfig(d_model=64, n_layers=3, n_heads=4, num_experts=8, k=2, d_hidden=64,
-                             activation="swiglu"),
-            TrainConfig(steps=600, batch_size=128, lr=3e-3, warmup_steps=50, eval_every=200, eval_batches=8),
-        ),
-        ("gpu", "shakespeare-moe"): (
-            LMConfig(d_model=384, n_layers=6, n_heads=6, num_experts=8, k=2, d_hidden=512,
-                     activation="swiglu", context_length=256, dropout=0.1),
-            TrainConfig(steps=5000, batch_size=64, lr=1e-3, warmup_steps=200, eval_every=500, eval_batches=32),
-        ),
-        ("gpu", "mnist1d-moe"): (
-            ClassifierConfig(d_model=128, n_layers=4, n_heads=4, num_experts=8, k=2, d_hidden=128,
-                             activation="swiglu", dropout=0.1),
-            TrainConfig(steps=6000, batch_size=256, lr=2e-3, warmup_steps=300, eval_every=1000, eval_batches=16),
-        ),
-    }
-
-
-def preset(name: str = "auto", model: str = "shakespeare-moe") -> tuple[_FFNConfig, TrainConfig]:
-    """The (model config, :class:`~moe_course.train.TrainConfig`) of a zoo model at a size preset.
-
-    ``name``: ``"cpu"`` (about a minute on 2 CPU cores), ``"gpu"`` (larger, trains longer),
-    ``"test"`` (seconds, for the test suite) or ``"auto"`` (:func:`moe_course.device.default_preset`).
-    ``model``: one of :data:`MODEL_NAMES`. The LM's ``vocab_size`` is a placeholder that the zoo
-    replaces by its tokenizer's size.
-    """
-    if name == "auto":
-        from moe_course.device import default_preset
-
-        name = default_preset()
-    if name not in PRESET_NAMES:
-        raise ValueError(f"preset name must be one of {PRESET_NAMES + ('auto',)}, got {name!r}")
-    if model not in MODEL_NAMES:
-        raise ValueError(f"model must be one of {MODEL_NAMES}, got {model!r}")
-    model_cfg, train_cfg = _presets()[(name, model)]
-    return model_cfg, train_cfg
-
-
 def model_from_config(cfg: _FFNConfig) -> _MoEModel:
     """Build the model class a config belongs to."""
     if isinstance(cfg, LMConfig):
@@ -692,8 +624,5 @@ __all__ = [
     "MoETransformerLM",
     "KVCache",
     "MoEClassifier",
-    "preset",
     "model_from_config",
-    "MODEL_NAMES",
-    "PRESET_NAMES",
 ]

@@ -1,4 +1,5 @@
-"""Progress bars for training loops: tqdm.auto, silenced by ``TQDM_DISABLE=1`` (CI, book builds)."""
+"""Progress bars for training loops (chapters 3, 6, 10): tqdm.auto, silenced by ``TQDM_DISABLE=1``
+(CI, book builds)."""
 
 from __future__ import annotations
 

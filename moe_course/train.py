@@ -1,4 +1,4 @@
-"""Training and evaluation loops for the course's models.
+"""Training and evaluation loops for the course's models (chapter 3; reused by chapters 6 and 10).
 
 :func:`fit` is AdamW (Loshchilov & Hutter 2019) with linear warmup and cosine decay (Loshchilov &
 Hutter 2017), gradient clipping, and the model's own ``compute_loss`` (so the aux-loss weights of
@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 from torch import nn
 
+from moe_course.device import model_device, to_device
 from moe_course.progress import progress as _progress
 
 
@@ -149,15 +150,6 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
-def _to(batch: Mapping[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-
-
 def _check_dataset(data: Any, name: str) -> None:
     try:
         n = len(data)
@@ -213,7 +205,7 @@ def fit(
         _check_dataset(val_data, "val_data")
     if device is not None:
         model.to(device)
-    device = _model_device(model)
+    device = model_device(model)
 
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
     history = History()
@@ -230,7 +222,7 @@ def fit(
                 lr = lr_at(step, cfg)
                 for group in opt.param_groups:
                     group["lr"] = lr
-                loss, metrics = model.compute_loss(_to(next(stream), device))
+                loss, metrics = model.compute_loss(to_device(next(stream), device))
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
                         f"training loss became {loss.item()} at step {step}; lower lr (now {lr:.3g})"
@@ -289,7 +281,7 @@ def evaluate(
         raise ValueError(f"max_batches must be a positive int or None, got {max_batches!r}")
     if device is not None:
         model.to(device)
-    device = _model_device(model)
+    device = model_device(model)
     was_training = model.training
     model.eval()
     total, correct, count, kind = 0.0, 0, 0, None
@@ -297,7 +289,7 @@ def evaluate(
         for i, batch in enumerate(batches(data, batch_size, shuffle=False, seed=0, drop_last=False)):
             if max_batches is not None and i >= max_batches:
                 break
-            batch = _to(batch, device)
+            batch = to_device(batch, device)
             if "input_ids" in batch:
                 kind = "lm"
                 ids = batch["input_ids"]

@@ -1,4 +1,4 @@
-"""The course's plots, in plain matplotlib.
+"""The course's plots, in plain matplotlib (used from chapter 1 to chapter 11).
 
 Every function returns the :class:`~matplotlib.figure.Figure` it drew on, never calls
 ``plt.show()``, draws into ``ax`` when one is given, and uses the course style
@@ -72,7 +72,8 @@ def _styled(fn):
     return wrapper
 
 
-def _axes(ax, figsize: tuple[float, float]):
+def figure_and_axes(ax, figsize: tuple[float, float]):
+    """``(figure, ax)``: a new figure of ``figsize`` when ``ax`` is None, else ``ax`` and its figure."""
     if ax is None:
         fig, ax = plt.subplots(figsize=figsize)
         return fig, ax
@@ -302,7 +303,7 @@ def plot_architecture(model_or_config: Any, ax=None) -> Figure:
     """
     s = _spec(model_or_config)
     if s["scope"] == "layer":
-        fig, ax = _axes(ax, (8.0, 4.8))
+        fig, ax = figure_and_axes(ax, (8.0, 4.8))
         _draw_layer(ax, s)
         return fig
     if ax is not None:
@@ -435,7 +436,7 @@ def plot_routing_heatmap(tokens: Sequence[str] | str | None, indices_or_probs: A
         raise ValueError(f"tokens: expected {values.shape[0]} labels (one per routed token), got {len(tokens)}")
     T = min(values.shape[0], max_tokens)
     values = values[:T]
-    fig, ax = _axes(ax, (10.0, 3.4))
+    fig, ax = figure_and_axes(ax, (10.0, 3.4))
     im = ax.imshow(values.T, aspect="auto", cmap="Blues" if label == "selected" else "viridis",
                    vmin=0, vmax=1 if label != "router probability" else max(float(values.max()), 1e-9),
                    interpolation="nearest")
@@ -554,7 +555,7 @@ def plot_race(results: Mapping[str, Mapping[Any, float] | float], ax=None, title
         raise ValueError("results: expected a non-empty dict {strategy: {T: ms}} or {strategy: ms}")
     series = {name: (dict(v) if isinstance(v, Mapping) else {None: float(v)}) for name, v in results.items()}
     xs = sorted({x for v in series.values() for x in v if x is not None})
-    fig, ax = _axes(ax, (6.4, 4.0))
+    fig, ax = figure_and_axes(ax, (6.4, 4.0))
     if len(xs) <= 1:
         names = list(series)
         vals = [next(iter(series[n].values())) for n in names]
@@ -594,7 +595,7 @@ _FRONTIER_X = {"bytes": "true size (bytes, log scale)", "latency_ms": "measured 
 def plot_frontier(rows: Sequence[Mapping[str, Any]], x: str = "bytes", ax=None, title: str | None = None,
                   label_all: bool = False, zoom: bool = True) -> Figure:
     """Quality against ``x`` (``"bytes"`` or ``"latency_ms"``) for rows of
-    :func:`moe_course.compress.recipes.compression_table` (keys ``technique``, ``quality``,
+    :func:`moe_course.course_table.compression_table` (keys ``technique``, ``quality``,
     ``metric``, ``higher_is_better`` and ``x``). Every variant is a dot, the Pareto frontier
     (:func:`~moe_course.compress.recipes.pareto_frontier`) a line through the labelled
     non-dominated variants, the first row (the baseline) a star. ``zoom`` frames the quality axis
@@ -613,7 +614,7 @@ def plot_frontier(rows: Sequence[Mapping[str, Any]], x: str = "bytes", ax=None, 
     metric = rows[0].get("metric", "quality")
     front = pareto_frontier(rows, x=x, y="quality", higher_is_better=hib)
     on_front = {id(r) for r in front}
-    fig, ax = _axes(ax, (6.4, 4.2))
+    fig, ax = figure_and_axes(ax, (6.4, 4.2))
     xs = np.array([float(r[x]) for r in rows])
     ys = np.array([float(r["quality"]) for r in rows])
     ax.scatter(xs, ys, s=22, color=PALETTE[7], alpha=0.8, label="variant", zorder=2)

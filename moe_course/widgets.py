@@ -45,7 +45,7 @@ def compute_grid(model: nn.Module, calib: Any, evaluate: Callable[[nn.Module], f
     The recipe is :func:`~moe_course.compress.trimming.drop_layers` (``drop_layers`` MoE layers),
     :func:`~moe_course.compress.trimming.drop_experts` (``keep`` experts per layer), then
     :func:`~moe_course.compress.quantization.quantize` of the experts (``expert_bits``; 32 means
-    fp32) and :func:`~moe_course.compress.recipes.quantize_rest` of the rest (``rest_bits``; the
+    fp32) and :func:`~moe_course.compress.quantization.quantize_rest` of the rest (``rest_bits``; the
     embeddings at ``max(rest_bits, embedding_bits)``). Shared prefixes are computed once.
 
     Args:
@@ -57,8 +57,7 @@ def compute_grid(model: nn.Module, calib: Any, evaluate: Callable[[nn.Module], f
         rows ``{keep, drop_layers, expert_bits, rest_bits, bytes, ratio, quality}`` (``ratio`` =
         the unmodified model's bytes / bytes).
     """
-    from moe_course.compress.quantization import SUPPORTED_BITS, quantize
-    from moe_course.compress.recipes import quantize_rest
+    from moe_course.compress.quantization import SUPPORTED_BITS, quantize, quantize_rest
     from moe_course.compress.trimming import drop_experts, drop_layers as _drop_layers
     from moe_course.layers import require_moe_layers
     from moe_course.metrics import size_report
@@ -78,14 +77,13 @@ def compute_grid(model: nn.Module, calib: Any, evaluate: Callable[[nn.Module], f
     base = size_report(model).bytes
     rows = []
     for n in drop_layers:
-        m1 = _drop_layers(model, calib, n) if n else model
+        m1 = _drop_layers(model, L - n, calib=calib) if n else model
         for kp in keep:
-            m2 = drop_experts(m1, calib, kp) if kp < E else m1
+            m2 = drop_experts(m1, kp, calib=calib) if kp < E else m1
             for eb, rb in itertools.product(expert_bits, rest_bits):
                 m3 = quantize(m2, eb, group_size=group_size) if eb != FP32 else m2
                 if rb != FP32:
-                    m3 = quantize_rest(m3, rb, group_size=group_size, embedding_bits=max(rb, embedding_bits),
-                                       inplace=m3 is not m2)
+                    m3 = quantize_rest(m3, rb, group_size=group_size, embedding_bits=max(rb, embedding_bits), inplace=m3 is not m2)
                 b = size_report(m3).bytes
                 rows.append({"keep": kp, "drop_layers": n, "expert_bits": eb, "rest_bits": rb, "bytes": b,
                              "ratio": base / b, "quality": float(evaluate(m3))})
@@ -149,11 +147,11 @@ def plot_grid(grid: Sequence[Mapping[str, Any]], metric: str = "quality", higher
     import matplotlib.pyplot as plt
 
     from moe_course.compress.recipes import pareto_frontier
-    from moe_course.viz import COURSE_STYLE, PALETTE, _axes
+    from moe_course.viz import COURSE_STYLE, PALETTE, figure_and_axes
 
     grid = _check_grid(grid)
     with plt.rc_context(COURSE_STYLE):
-        fig, ax = _axes(ax, (6.4, 4.2))
+        fig, ax = figure_and_axes(ax, (6.4, 4.2))
         bits = sorted({r["expert_bits"] for r in grid}, reverse=True)
         for i, b in enumerate(bits):
             for n in sorted({r["drop_layers"] for r in grid}):

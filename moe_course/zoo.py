@@ -1,4 +1,5 @@
-"""Model zoo: the course's trained MoE models, trained on first use and cached as safetensors.
+"""Model zoo (chapter 3): the course's trained MoE models, trained on first use and cached as
+safetensors. The size presets (``cpu``, ``gpu``, ``test``) live here too.
 
 ``pretrained("shakespeare-moe")`` / ``pretrained("mnist1d-moe")`` train deterministically the first
 time (seeded data order and initialisation), save the weights (safetensors only, never pickle),
@@ -44,7 +45,8 @@ from typing import Any, Iterator
 import torch
 
 from moe_course import models as _models
-from moe_course.train import evaluate, fit
+from moe_course.device import default_preset
+from moe_course.train import TrainConfig, evaluate, fit
 
 try:  # POSIX; on Windows entries are still written atomically, only the training is not deduplicated
     import fcntl
@@ -52,12 +54,69 @@ except ImportError:  # pragma: no cover
     fcntl = None
 
 ZOO_VERSION = 1
-NAMES = _models.MODEL_NAMES
-PRESETS = _models.PRESET_NAMES
+NAMES = ("shakespeare-moe", "mnist1d-moe")
+PRESETS = ("cpu", "gpu", "test")
 ENV_VAR = "MOE_COURSE_CACHE"
 
 _FILES = ("config.json", "model.safetensors", "metadata.json")
 _TOKENIZER = "tokenizer.json"
+
+
+# --------------------------------------------------------------------------------------------
+# presets
+# --------------------------------------------------------------------------------------------
+def _presets() -> dict[tuple[str, str], tuple[_models._FFNConfig, TrainConfig]]:
+    # cpu: measured to train in about a minute on 2 cores (the zoo records train_seconds); the LM
+    # is small and short-trained (validation perplexity ~7-9 on unseen plays, seed-dependent),
+    # the classifier reaches ~98% on MNIST-1D test; both leave visible room for compression damage.
+    return {
+        ("test", "shakespeare-moe"): (
+            _models.LMConfig(d_model=32, n_layers=2, n_heads=2, num_experts=4, k=2, d_hidden=32, context_length=32),
+            TrainConfig(steps=30, batch_size=16, lr=3e-3, warmup_steps=5, eval_every=0, eval_batches=4),
+        ),
+        ("test", "mnist1d-moe"): (
+            _models.ClassifierConfig(d_model=32, n_layers=1, n_heads=2, num_experts=4, k=2, d_hidden=32),
+            TrainConfig(steps=30, batch_size=64, lr=3e-3, warmup_steps=5, eval_every=0, eval_batches=4),
+        ),
+        ("cpu", "shakespeare-moe"): (
+            _models.LMConfig(d_model=96, n_layers=4, n_heads=4, num_experts=8, k=2, d_hidden=64,
+                             activation="swiglu", context_length=64),
+            TrainConfig(steps=600, batch_size=32, lr=3e-3, warmup_steps=50, eval_every=200, eval_batches=8),
+        ),
+        ("cpu", "mnist1d-moe"): (
+            _models.ClassifierConfig(d_model=64, n_layers=3, n_heads=4, num_experts=8, k=2, d_hidden=64,
+                                     activation="swiglu"),
+            TrainConfig(steps=600, batch_size=128, lr=3e-3, warmup_steps=50, eval_every=200, eval_batches=8),
+        ),
+        ("gpu", "shakespeare-moe"): (
+            _models.LMConfig(d_model=384, n_layers=6, n_heads=6, num_experts=8, k=2, d_hidden=512,
+                             activation="swiglu", context_length=256, dropout=0.1),
+            TrainConfig(steps=5000, batch_size=64, lr=1e-3, warmup_steps=200, eval_every=500, eval_batches=32),
+        ),
+        ("gpu", "mnist1d-moe"): (
+            _models.ClassifierConfig(d_model=128, n_layers=4, n_heads=4, num_experts=8, k=2, d_hidden=128,
+                                     activation="swiglu", dropout=0.1),
+            TrainConfig(steps=6000, batch_size=256, lr=2e-3, warmup_steps=300, eval_every=1000, eval_batches=16),
+        ),
+    }
+
+
+def preset_configs(name: str = "auto", model: str = "shakespeare-moe") -> tuple[_models._FFNConfig, TrainConfig]:
+    """The (model config, :class:`~moe_course.train.TrainConfig`) of a zoo model at a size preset.
+
+    ``name``: ``"cpu"`` (about a minute on 2 CPU cores), ``"gpu"`` (larger, trains longer),
+    ``"test"`` (seconds, for the test suite) or ``"auto"`` (:func:`moe_course.device.default_preset`).
+    ``model``: one of :data:`NAMES`. The LM's ``vocab_size`` is a placeholder that the zoo
+    replaces by its tokenizer's size.
+    """
+    if name == "auto":
+        name = default_preset()
+    if name not in PRESETS:
+        raise ValueError(f"preset name must be one of {PRESETS + ('auto',)}, got {name!r}")
+    if model not in NAMES:
+        raise ValueError(f"model must be one of {NAMES}, got {model!r}")
+    model_cfg, train_cfg = _presets()[(name, model)]
+    return model_cfg, train_cfg
 
 
 # --------------------------------------------------------------------------------------------
@@ -70,8 +129,6 @@ def _check_name(name: str) -> None:
 
 def _resolve_preset(preset: str) -> str:
     if preset == "auto":
-        from moe_course.device import default_preset
-
         return default_preset()
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {PRESETS + ('auto',)}, got {preset!r}")
@@ -121,7 +178,7 @@ def _data_spec(name: str, preset: str, model_cfg: Any) -> dict[str, Any]:
 
 def _spec(name: str, preset: str) -> dict[str, Any]:
     """The key material of an entry: what it was trained from."""
-    model_cfg, train_cfg = _models.preset(preset, name)
+    model_cfg, train_cfg = preset_configs(preset, name)
     return {
         "name": name,
         "preset": preset,
@@ -156,7 +213,7 @@ def _build_data(name: str, preset: str) -> tuple[dict[str, Any], Any]:
     """``({"train", "validation"}, tokenizer or None)`` exactly as the zoo trains and evaluates."""
     from moe_course import data as _data
 
-    model_cfg, _ = _models.preset(preset, name)
+    model_cfg, _ = preset_configs(preset, name)
     spec = _data_spec(name, preset, model_cfg)
     if name == "shakespeare-moe":
         plays = _data.load_shakespeare(val_fraction=spec["val_fraction"])
@@ -288,7 +345,7 @@ def _train_and_save(spec: dict[str, Any], entry: Path, progress: bool) -> None:
     from moe_course.device import get_device, seed_everything
 
     name, preset = spec["name"], spec["preset"]
-    model_cfg, train_cfg = _models.preset(preset, name)
+    model_cfg, train_cfg = preset_configs(preset, name)
     start = time.perf_counter()
     splits, tok = _build_data(name, preset)
     if tok is not None:
@@ -422,4 +479,4 @@ def is_cached(name: str, preset: str = "auto", cache_dir: str | os.PathLike | No
             and all((entry / f).is_file() for f in needed))
 
 
-__all__ = ["pretrained", "data", "is_cached", "cache_dir", "entry_dir", "NAMES", "PRESETS", "ZOO_VERSION"]
+__all__ = ["pretrained", "data", "preset_configs", "is_cached", "cache_dir", "entry_dir", "NAMES", "PRESETS", "ZOO_VERSION"]

@@ -16,6 +16,28 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
+# ---------------------------------------------------------------------------- grading helpers
+def run(check, fn):
+    """``check(fn)`` without printing: the :class:`~moe_course.grading.core.CheckResult`."""
+    return check(fn, quiet=True)
+
+
+def stub(*args, **kwargs):
+    """An exercise as handed out: its body raises NotImplementedError."""
+    raise NotImplementedError("implement this")
+
+
+def assert_caught(check, fn, *words):
+    """``fn`` (a plausible mistake) fails ``check`` with a message that contains every word."""
+    from moe_course.grading.core import ERROR, FAIL
+
+    result = run(check, fn)
+    assert result.status in (FAIL, ERROR), result
+    for w in words:
+        assert w in result.message, result.message
+    return result
+
+
 def pytest_configure(config):
     """Point the ``python3`` Jupyter kernel at this interpreter for the whole run.
 

@@ -26,6 +26,8 @@ import pytest
 import torch
 import torch.nn as nn
 
+from moe_course import calib as CA
+from moe_course import course_table as CT
 from moe_course import data as D
 from moe_course import device as DEV
 from moe_course import dispatch as DI
@@ -121,27 +123,27 @@ def quantized():
 
 @cache
 def lowrank():
-    return LR.lowrank_experts(lm(), rank=2)
+    return LR.lowrank_experts(lm(), keep=2)
 
 
 @cache
 def shared():
-    return LR.share_experts(lm(), rank=1)
+    return LR.share_experts(lm(), keep=1)
 
 
 @cache
 def merged():
-    return MG.merge_experts(lm(), calib(), 2)
+    return MG.merge_experts(lm(), 2, calib=calib())
 
 
 @cache
 def mcsmoe():
-    return MG.mc_smoe(lm(), calib(), 2, rank=2, keep_sparse=0.1)
+    return MG.mc_smoe(lm(), 2, calib=calib(), rank=2, keep_sparse=0.1)
 
 
 @cache
 def skipping():
-    return PR.skip_experts(lm(), calib())
+    return PR.skip_experts(lm(), calib=calib())
 
 
 @cache
@@ -232,9 +234,9 @@ def known_issue(reason: str) -> None:
 
 
 # ---- layers -------------------------------------------------------------------------------
-row("Experts/num_experts=0", LY.Experts, VE, r"num_experts: expected a positive integer, got 0", 0, 16, 16)
-row("Experts/d_model=float", LY.Experts, VE, r"d_model: expected a positive integer, got 16\.0", 4, 16.0, 16)
-row("Experts/d_hidden=-1", LY.Experts, VE, r"d_hidden: expected a positive integer, got -1", 4, 16, -1)
+row("Experts/num_experts=0", LY.Experts, VE, r"num_experts: expected a positive int, got 0", 0, 16, 16)
+row("Experts/d_model=float", LY.Experts, VE, r"d_model: expected a positive int, got 16\.0", 4, 16.0, 16)
+row("Experts/d_hidden=-1", LY.Experts, VE, r"d_hidden: expected a positive int, got -1", 4, 16, -1)
 row("Experts/activation", LY.Experts, VE, r"activation: expected one of \('gelu', 'swiglu'\), got 'relu'", 4, 16, 16, "relu")
 row("Experts[]/out of range", lambda e: e[4], IndexError, r"expert index 4 out of range for 4 experts", EXPERTS)
 row("Experts[]/float index", lambda e: e[1.5], TE, r"i: expected an int expert index, got 1\.5", EXPERTS)
@@ -245,9 +247,9 @@ row("CompressedExperts/not Experts", LY.CompressedExperts, TE, r"experts: expect
 row("ExpertView/index", LY.ExpertView, IndexError, r"index: expected an expert index in \[0, 4\), got 7", EXPERTS, 7)
 row("TopKRouter/k=0", LY.TopKRouter, VE, r"k: expected an integer in \[1, num_experts=4\], got 0", 16, 4, 0)
 row("TopKRouter/k>E", LY.TopKRouter, VE, r"k: expected an integer in \[1, num_experts=4\], got 5", 16, 4, 5)
-row("TopKRouter/num_experts=0", LY.TopKRouter, VE, r"num_experts: expected a positive integer, got 0", 16, 0, 1)
-row("TopKRouter/d_model=str", LY.TopKRouter, VE, r"d_model: expected a positive integer, got '16'", "16", 4, 2)
-row("SoftMoE/num_experts=0", LY.SoftMoE, VE, r"num_experts: expected a positive integer, got 0", 16, 0, 16)
+row("TopKRouter/num_experts=0", LY.TopKRouter, VE, r"num_experts: expected a positive int, got 0", 16, 0, 1)
+row("TopKRouter/d_model=str", LY.TopKRouter, VE, r"d_model: expected a positive int, got '16'", "16", 4, 2)
+row("SoftMoE/num_experts=0", LY.SoftMoE, VE, r"num_experts: expected a positive int, got 0", 16, 0, 16)
 row("SoftMoE/activation", LY.SoftMoE, VE, r"activation: expected one of", 16, 4, 16, "tanh")
 row("SparseMoE/k>E", LY.SparseMoE, VE, r"k: expected an integer in \[1, num_experts=4\], got 6", 16, 4, 16, k=6)
 row("SparseMoE/capacity_factor<0", LY.SparseMoE, VE, r"capacity_factor: expected None or a finite number > 0, got -1",
@@ -284,8 +286,8 @@ row("dispatch/strategy", DI.dispatch, VE, r"dispatch: expected one of \('naive',
     X16, _w2, _i2, EXPERTS, "magic")
 row("dispatch/experts", DI.dispatch, TE, r"experts: expected a moe_course.layers.Experts, got Linear", X16, _w2, _i2, nn.Linear(16, 16))
 row("resolve_strategy/name", DI.resolve_strategy, VE, r"dispatch: expected one of", "sorted", "cpu")
-row("capacity_mask/capacity<0", DI.capacity_mask, VE, r"capacity: expected an int >= 0, got -1", _i2, 4, -1)
-row("capacity_mask/capacity float", DI.capacity_mask, VE, r"capacity: expected an int >= 0, got 2\.5", _i2, 4, 2.5)
+row("capacity_mask/capacity<0", DI.capacity_mask, VE, r"capacity: expected an integer in \[0, inf\], got -1", _i2, 4, -1)
+row("capacity_mask/capacity float", DI.capacity_mask, VE, r"capacity: expected an integer in \[0, inf\], got 2\.5", _i2, 4, 2.5)
 row("capacity_mask/indices 1-D", DI.capacity_mask, VE, r"indices: expected an integer tensor \[T, k\], got shape \(5,\)", _i2[:, 0], 4, 2)
 row("capacity_mask/num_experts=0", DI.capacity_mask, VE, r"num_experts: expected an integer in \[1, inf\], got 0", _i2, 0, 2)
 
@@ -350,8 +352,8 @@ row("MoETransformerLM.generate_text/no tokenizer", lambda m: m.generate_text("hi
 row("MoEClassifier.forward/shape", lambda m: m(torch.randn(2, 30)), VE, r"x: expected shape \[B, input_length=40\], got \(2, 30\)", CLF)
 row("MoEClassifier.compute_loss/keys", lambda m: m.compute_loss({"x": torch.randn(2, 40)}), KeyError,
     r"batch must have 'x' and 'y', got keys \['x'\]", CLF)
-row("preset/name", MO.preset, VE, r"preset name must be one of \('cpu', 'gpu', 'test', 'auto'\), got 'tiny'", "tiny")
-row("preset/model", MO.preset, VE, r"model must be one of \('shakespeare-moe', 'mnist1d-moe'\), got 'mnist'", "cpu", "mnist")
+row("preset/name", ZO.preset_configs, VE, r"preset name must be one of \('cpu', 'gpu', 'test', 'auto'\), got 'tiny'", "tiny")
+row("preset/model", ZO.preset_configs, VE, r"model must be one of \('shakespeare-moe', 'mnist1d-moe'\), got 'mnist'", "cpu", "mnist")
 row("model_from_config/dict", MO.model_from_config, TE, r"cfg must be an LMConfig or ClassifierConfig, got dict", {"d_model": 8})
 row("register_ffn/builtin name", MO.register_ffn, VE, r"name must be a new non-empty string \(not one of \('moe', 'soft', 'dense'\)\)",
     "moe", lambda cfg: None)
@@ -580,10 +582,8 @@ row("quantize/after lowrank", QU.quantize, TE, r"model: quantize needs MoE layer
     r"lowrank_experts\(\)", LRM, 4)
 row("quantize/after share", QU.quantize, TE, r"was compressed by share_experts\(\) \(SharedExperts\)", SHM, 4)
 row("quantize/after mc_smoe", QU.quantize, TE, r"was compressed by mc_smoe\(\) \(LowRankSparseExperts\)", MCM, 4)
-row("quantize/nan weights", QU.quantize, VE, r"model: expected finite weights, but parameter 'blocks\.0\.ffn\.experts\.w_in' holds NaN or inf",
-    NANM, 4)
-row("quantize/inf router", QU.quantize, VE, r"model: expected finite weights, but parameter 'blocks\.1\.ffn\.router\.gate\.weight'",
-    INFM, 4)
+row("quantize/nan weights", QU.quantize, VE, r"model: expected finite weights, but parameter 'blocks\.0\.ffn\.experts\.w_in' holds NaN or inf", NANM, 4)
+row("quantize/inf router", QU.quantize, VE, r"model: expected finite weights, but parameter 'blocks\.1\.ffn\.router\.gate\.weight'", INFM, 4)
 row("mixed_precision_bits/avg_bits high", QU.mixed_precision_bits, VE, r"avg_bits: expected a number in \[2, 8\], got 9", STATS, 9)
 row("mixed_precision_bits/avg_bits low", QU.mixed_precision_bits, VE, r"avg_bits: expected a number in \[2, 8\], got 1", STATS, 1)
 row("mixed_precision_bits/avg_bits nan", QU.mixed_precision_bits, VE, r"avg_bits: expected a number in \[2, 8\], got nan", STATS, NAN)
@@ -602,11 +602,12 @@ row("magnitude_mask/sparsity<0", PR.magnitude_mask, VE, r"sparsity: expected a n
 row("magnitude_mask/sparsity nan", PR.magnitude_mask, VE, r"sparsity: expected a number in \[0, 1\), got nan", W, NAN)
 row("magnitude_mask/nan weight", PR.magnitude_mask, VE, r"weight: expected finite values, got 1 NaN", _nan(W), 0.5)
 row("magnitude_mask/not tensor", PR.magnitude_mask, TE, r"weight: expected a torch.Tensor, got list", [1.0, 2.0], 0.5)
-row("prune_magnitude/sparsity=1.5", PR.prune_magnitude, VE, r"sparsity: expected a number in \[0, 1\), got 1\.5", LM, 1.5)
-row("prune_magnitude/sparsity=50", PR.prune_magnitude, VE, r"sparsity: expected a number in \[0, 1\), got 50", LM, 50)
+row("prune_magnitude/keep=1.5", PR.prune_magnitude, VE, r"keep: a fraction must be in \(0, 1\], got 1\.5", LM, 1.5)
+row("prune_magnitude/keep=0.0", PR.prune_magnitude, VE, r"keep: a fraction must be in \(0, 1\], got 0\.0", LM, 0.0)
+row("prune_magnitude/keep=50000", PR.prune_magnitude, VE, r"keep: expected between 1 and 4096 expert weights, got 50000", LM, 50000)
+row("prune_magnitude/keep str", PR.prune_magnitude, VE, r"keep: expected an int number of expert weights or a fraction", LM, "0.5")
 row("prune_magnitude/scope", PR.prune_magnitude, VE, r"scope: expected one of \('global', 'layer'\), got 'row'", LM, 0.5, scope="row")
-row("prune_magnitude/dense model", PR.prune_magnitude, VE, r"model: MoETransformerLM has no MoE layers \(moe_course.layers.MoELayer\) to prune",
-    DENSE, 0.5)
+row("prune_magnitude/dense model", PR.prune_magnitude, VE, r"model: MoETransformerLM has no MoE layers \(moe_course.layers.MoELayer\) to prune", DENSE, 0.5)
 row("prune_magnitude/quantized", PR.prune_magnitude, TE, r"model: prune_magnitude needs MoE layers with dense Experts, but MoE layer 0 was "
     r"compressed by quantize\(\) \(QuantizedExperts\); quantize last: apply prune_magnitude to the model before quantizing it", QM, 0.5)
 row("prune_magnitude/lowrank", PR.prune_magnitude, TE, r"prune_magnitude needs MoE layers with dense Experts.*LowRankExperts", LRM, 0.5)
@@ -623,13 +624,13 @@ row("restrict_router/kept range", PR.restrict_router, VE, r"kept: expected disti
 row("restrict_router/kept duplicates", PR.restrict_router, VE, r"kept: expected distinct expert ids in \[0, 4\), got \[1, 1\]", _logits, [1, 1], 1)
 row("restrict_router/k=0", PR.restrict_router, VE, r"k: expected an integer in \[1, 4\], got 0", _logits, [0, 1], 0)
 row("restrict_router/logits 1-D", PR.restrict_router, VE, r"logits: expected shape \[T, num_experts\], got \(4,\)", torch.randn(4), [0, 1], 1)
-row("layer_inputs/calib None", PR.layer_inputs, VE, r"calib: expected calibration data \(a training-split Dataset or batches\), got None", LM, None)
-row("layer_inputs/calib empty", PR.layer_inputs, VE, r"calib: the calibration data is empty", LM, EMPTY_CAL)
-row("layer_inputs/calib no tokens", PR.layer_inputs, VE, r"calib: batch 0 has no tokens", LM, NO_TOKENS_CAL)
-row("layer_inputs/calib type", PR.layer_inputs, TE, r"calib: expected a datasets.Dataset, a tensor, a dict of tensors or an iterable", LM, 42)
-row("layer_inputs/calib oov", PR.layer_inputs, VE, r"calib: batch 0 has token id 16; expected ids in \[0, vocab_size=11\)", LM, OOV_CAL)
-row("layer_inputs/calib negative", PR.layer_inputs, VE, r"calib: batch 0 has negative token ids \(min -1\)", LM, NEG_CAL)
-row("layer_inputs/dense model", PR.layer_inputs, VE, r"model: MoETransformerLM has no MoE layers", DENSE, CAL)
+row("layer_inputs/calib None", CA.layer_inputs, VE, r"calib: expected calibration data \(a training-split Dataset or batches\), got None", LM, None)
+row("layer_inputs/calib empty", CA.layer_inputs, VE, r"calib: the calibration data is empty", LM, EMPTY_CAL)
+row("layer_inputs/calib no tokens", CA.layer_inputs, VE, r"calib: batch 0 has no tokens", LM, NO_TOKENS_CAL)
+row("layer_inputs/calib type", CA.layer_inputs, TE, r"calib: expected a datasets.Dataset, a tensor, a dict of tensors or an iterable", LM, 42)
+row("layer_inputs/calib oov", CA.layer_inputs, VE, r"calib: batch 0 has token id 16; expected ids in \[0, vocab_size=11\)", LM, OOV_CAL)
+row("layer_inputs/calib negative", CA.layer_inputs, VE, r"calib: batch 0 has negative token ids \(min -1\)", LM, NEG_CAL)
+row("layer_inputs/dense model", CA.layer_inputs, VE, r"model: MoETransformerLM has no MoE layers", DENSE, CAL)
 row("expert_frequencies/calib None", PR.expert_frequencies, VE, r"calib: expected calibration data", LM, None)
 row("expert_frequencies/nan calib", PR.expert_frequencies, VE, r"calib \(batch 0\): expected finite values, got 1 NaN", CLF, NAN_CCAL)
 row("naee_select/keep>E", PR.naee_select, VE, r"keep: expected an integer in \[2, 4\], got 5", LAYER, X16, 5)
@@ -637,39 +638,38 @@ row("naee_select/keep<k", PR.naee_select, VE, r"keep: expected an integer in \[2
 row("naee_select/x shape", PR.naee_select, VE, r"x: expected shape \[T, d_model=16\], got \(5, 8\)", LAYER, torch.randn(5, 8), 2)
 row("naee_select/x nan", PR.naee_select, VE, r"x: expected finite values", LAYER, _nan(X16), 2)
 row("naee_select/max_subsets", PR.naee_select, VE, r"max_subsets: expected an integer in \[1, inf\], got 0", LAYER, X16, 2, 0)
-row("prune_experts/keep=0", PR.prune_experts, VE, r"keep: expected between k=2 and num_experts=4 experts per layer, got 0", LM, CAL, 0)
-row("prune_experts/keep=1 (<k)", PR.prune_experts, VE, r"keep: expected between k=2 and num_experts=4 experts per layer, got 1", LM, CAL, 1)
-row("prune_experts/keep=10", PR.prune_experts, VE, r"keep: expected between k=2 and num_experts=4 experts per layer, got 10", LM, CAL, 10)
-row("prune_experts/keep=1.5", PR.prune_experts, VE, r"keep: a fraction must be in \(0, 1\], got 1\.5", LM, CAL, 1.5)
-row("prune_experts/keep=nan", PR.prune_experts, VE, r"keep: a fraction must be in \(0, 1\], got nan", LM, CAL, NAN)
-row("prune_experts/keep str", PR.prune_experts, VE, r"keep: expected an int number of experts or a fraction in \(0, 1\], got '2'", LM, CAL, "2")
-row("prune_experts/method", PR.prune_experts, VE, r"method: expected one of \('frequency', 'naee'\), got 'random'", LM, CAL, 2, method="random")
-row("prune_experts/calib None", PR.prune_experts, VE, r"calib: expected calibration data", LM, None, 2)
-row("prune_experts/calib empty", PR.prune_experts, VE, r"calib: the calibration data is empty", LM, EMPTY_CAL, 2)
-row("prune_experts/calib nan", PR.prune_experts, VE, r"calib \(batch 0\): expected finite values", CLF, NAN_CCAL, 2)
-row("prune_experts/calib oov", PR.prune_experts, VE, r"calib: batch 0 has token id 16", LM, OOV_CAL, 2)
-row("prune_experts/dense model", PR.prune_experts, VE, r"model: MoETransformerLM has no MoE layers .* to prune", DENSE, CAL, 2)
-row("prune_experts/soft moe", PR.prune_experts, TE, r"model: expert pruning needs sparse top-k MoE layers, got SoftMoE", SOFT, CAL, 2)
+row("prune_experts/keep=0", PR.prune_experts, VE, r"keep: expected between k=2 and num_experts=4 experts per layer, got 0", LM, 0, calib=CAL)
+row("prune_experts/keep=1 (<k)", PR.prune_experts, VE, r"keep: expected between k=2 and num_experts=4 experts per layer, got 1", LM, 1, calib=CAL)
+row("prune_experts/keep=10", PR.prune_experts, VE, r"keep: expected between k=2 and num_experts=4 experts per layer, got 10", LM, 10, calib=CAL)
+row("prune_experts/keep=1.5", PR.prune_experts, VE, r"keep: a fraction must be in \(0, 1\], got 1\.5", LM, 1.5, calib=CAL)
+row("prune_experts/keep=nan", PR.prune_experts, VE, r"keep: a fraction must be in \(0, 1\], got nan", LM, NAN, calib=CAL)
+row("prune_experts/keep str", PR.prune_experts, VE, r"keep: expected an int number of experts per layer or a fraction in \(0, 1\], got '2'", LM, "2",
+    calib=CAL)
+row("prune_experts/method", PR.prune_experts, VE, r"method: expected one of \('frequency', 'naee'\), got 'random'", LM, 2, calib=CAL, method="random")
+row("prune_experts/calib None", PR.prune_experts, VE, r"calib: expected calibration data", LM, 2, calib=None)
+row("prune_experts/calib empty", PR.prune_experts, VE, r"calib: the calibration data is empty", LM, 2, calib=EMPTY_CAL)
+row("prune_experts/calib nan", PR.prune_experts, VE, r"calib \(batch 0\): expected finite values", CLF, 2, calib=NAN_CCAL)
+row("prune_experts/calib oov", PR.prune_experts, VE, r"calib: batch 0 has token id 16", LM, 2, calib=OOV_CAL)
+row("prune_experts/dense model", PR.prune_experts, VE, r"model: MoETransformerLM has no MoE layers .* to prune", DENSE, 2, calib=CAL)
+row("prune_experts/soft moe", PR.prune_experts, TE, r"model: expert pruning needs sparse top-k MoE layers, got SoftMoE", SOFT, 2, calib=CAL)
 row("prune_experts/quantized", PR.prune_experts, TE, r"model: prune_experts needs MoE layers with dense Experts.*quantize last: "
-    r"apply prune_experts to the model before quantizing it", QM, CAL, 2)
-row("prune_experts/lowrank", PR.prune_experts, TE, r"prune_experts needs MoE layers with dense Experts.*lowrank_experts\(\)", LRM, CAL, 2)
+    r"apply prune_experts to the model before quantizing it", QM, 2, calib=CAL)
+row("prune_experts/lowrank", PR.prune_experts, TE, r"prune_experts needs MoE layers with dense Experts.*lowrank_experts\(\)", LRM, 2, calib=CAL)
 row("prune_experts/merged", PR.prune_experts, TE, r"model: prune_experts needs routers of type TopKRouter or SkippingRouter; "
-    r"MoE layer 0 was merged", MGM, CAL, 2)
-row("prune_experts/nan weights", PR.prune_experts, VE, r"model: expected finite weights", NANM, CAL, 2)
-row("prune_experts/max_subsets", PR.prune_experts, VE, r"max_subsets: expected an integer in \[1, inf\], got 0", LM, CAL, 2, method="naee",
-    max_subsets=0)
+    r"MoE layer 0 was merged", MGM, 2, calib=CAL)
+row("prune_experts/nan weights", PR.prune_experts, VE, r"model: expected finite weights", NANM, 2, calib=CAL)
+row("prune_experts/max_subsets", PR.prune_experts, VE, r"max_subsets: expected an integer in \[1, inf\], got 0", LM, 2, calib=CAL, method="naee", max_subsets=0)
 row("SkippingRouter/beta<0", PR.SkippingRouter, VE, r"beta: expected a finite number in \[0, 1\], got -0\.5",
     L(lambda: layer().router), -0.5)
 row("SkippingRouter/beta nan", PR.SkippingRouter, VE, r"beta: expected a finite number in \[0, 1\], got nan", L(lambda: layer().router), NAN)
 row("SkippingRouter/router", PR.SkippingRouter, TE, r"router: expected a TopKRouter, got Linear", nn.Linear(4, 4), 0.5)
-row("skip_experts/quantile", PR.skip_experts, VE, r"quantile: expected a number in \[0, 1\), got 1\.5", LM, CAL, quantile=1.5)
-row("skip_experts/k=1", PR.skip_experts, VE, r"model: skipping needs sparse MoE layers with k >= 2, got SparseMoE k=1", TOP1, CAL)
-row("skip_experts/capacity", PR.skip_experts, VE, r"model: skipping is implemented for layers without a capacity factor", CAPPED, CAL)
-row("skip_experts/calib None", PR.skip_experts, VE, r"calib: expected calibration data", LM, None)
-row("skip_experts/dense", PR.skip_experts, VE, r"model: MoETransformerLM has no MoE layers", DENSE, CAL)
-row("skip_experts/merged", PR.skip_experts, TE, r"model: skip_experts needs routers of type TopKRouter; MoE layer 0 was merged", MGM, CAL)
-row("skip_experts/twice", PR.skip_experts, TE, r"model: skip_experts needs routers of type TopKRouter; MoE layer 0 already skips experts",
-    SKM, CAL)
+row("skip_experts/quantile", PR.skip_experts, VE, r"quantile: expected a number in \[0, 1\), got 1\.5", LM, calib=CAL, quantile=1.5)
+row("skip_experts/k=1", PR.skip_experts, VE, r"model: skipping needs sparse MoE layers with k >= 2, got SparseMoE k=1", TOP1, calib=CAL)
+row("skip_experts/capacity", PR.skip_experts, VE, r"model: skipping is implemented for layers without a capacity factor", CAPPED, calib=CAL)
+row("skip_experts/calib None", PR.skip_experts, VE, r"calib: expected calibration data", LM, calib=None)
+row("skip_experts/dense", PR.skip_experts, VE, r"model: MoETransformerLM has no MoE layers", DENSE, calib=CAL)
+row("skip_experts/merged", PR.skip_experts, TE, r"model: skip_experts needs routers of type TopKRouter; MoE layer 0 was merged", MGM, calib=CAL)
+row("skip_experts/twice", PR.skip_experts, TE, r"model: skip_experts needs routers of type TopKRouter; MoE layer 0 already skips experts", SKM, calib=CAL)
 row("skip_fraction/no skipping", PR.skip_fraction, VE, r"model: no SkippingRouter found; apply skip_experts first", LM)
 row("skip_fraction/dense", PR.skip_fraction, VE, r"model: MoETransformerLM has no MoE layers", DENSE)
 
@@ -686,13 +686,12 @@ row("kd_loss/1-D", KD.kd_loss, VE, r"student_logits must be \[\.\.\., num_classe
 row("kd_loss/not tensor", KD.kd_loss, TE, r"student_logits and teacher_logits must be tensors", [1.0], _t)
 row("soft_targets/temperature", KD.soft_targets, VE, r"temperature must be a finite number > 0, got -1", _s, -1)
 row("soft_targets/not tensor", KD.soft_targets, TE, r"logits must be a tensor, got list", [1.0, 2.0])
-row("distill/same model", KD.distill, VE, r"student must be a different model from teacher", LM, LM, [1])
-row("distill/alpha", KD.distill, VE, r"alpha must be a number in \[0, 1\], got 2", LM, CLF, [1], alpha=2)
-row("distill/temperature", KD.distill, VE, r"temperature must be a finite number > 0, got 0", LM, CLF, [1], temperature=0)
-row("distill/teacher type", KD.distill, TE, r"teacher and student must be torch.nn.Module instances", "lm", LM, [1])
-row("distill/data dict", KD.distill, VE, r"data as a dict needs a 'train' split, got keys \['test'\]", LM, CLF, {"test": [1]})
-row("distill/mismatched vocab", KD.distill, VE, r"student: its config\.vocab_size=7 differs from the teacher's vocab_size=11",
-    LM, L(lambda: _build(_lm_cfg(vocab_size=7))), [1])
+row("train_student/same model", KD.train_student, VE, r"student must be a different model from teacher", LM, LM, [1])
+row("train_student/alpha", KD.train_student, VE, r"alpha must be a number in \[0, 1\], got 2", CLF, LM, [1], alpha=2)
+row("train_student/temperature", KD.train_student, VE, r"temperature must be a finite number > 0, got 0", CLF, LM, [1], temperature=0)
+row("train_student/teacher type", KD.train_student, TE, r"teacher and student must be torch.nn.Module instances", LM, "lm", [1])
+row("train_student/data dict", KD.train_student, VE, r"data as a dict needs a 'train' split, got keys \['test'\]", CLF, LM, {"test": [1]})
+row("train_student/mismatched vocab", KD.train_student, VE, r"student: its config\.vocab_size=7 differs from the teacher's vocab_size=11", L(lambda: _build(_lm_cfg(vocab_size=7))), LM, [1])
 row("make_student/no config", KD.make_student, TE, r"teacher must be a course model with a \.config, got Sequential", SEQ)
 row("make_student/bad change", KD.make_student, VE, r"k must be in \[1, num_experts=1\], got 2", LM, num_experts=1)
 row("make_student/unknown field", KD.make_student, VE, r"unknown LMConfig field\(s\) \['experts'\]; valid fields", LM, experts=2)
@@ -728,11 +727,11 @@ row("SharedExperts/rank<0", LR.SharedExperts, VE, r"rank: expected an integer in
 row("SharedExperts/rank too big", LR.SharedExperts, VE, r"rank: expected an integer in \[0, 16\], got 40", EXPERTS, 40)
 row("SharedExperts/shared names", LR.SharedExperts, VE, r"shared: expected names from \('in', 'gate', 'out'\), got \['w_in'\]",
     EXPERTS, 1, ("w_in",))
-row("lowrank_experts/neither", LR.lowrank_experts, VE, r"rank, energy: give exactly one of rank", LM)
-row("lowrank_experts/both", LR.lowrank_experts, VE, r"rank, energy: give exactly one of rank", LM, 2, 0.9)
-row("lowrank_experts/rank big", LR.lowrank_experts, VE, r"rank: expected an integer in \[1, min\(d_model, d_hidden\) = 16\], got 32", LM, 32)
-row("lowrank_experts/rank 0", LR.lowrank_experts, VE, r"rank: expected an integer in \[1, min\(d_model, d_hidden\) = 16\], got 0", LM, 0)
-row("lowrank_experts/energy 1.5", LR.lowrank_experts, VE, r"energy: expected a number in \(0, 1\], got 1\.5", LM, energy=1.5)
+row("lowrank_experts/keep None", LR.lowrank_experts, VE, r"keep: expected a rank in \[1, min\(d_model, d_hidden\) = 16\] \(an int\) "
+    r"or a fraction of the energy in \(0, 1\], got None", LM, None)
+row("lowrank_experts/rank big", LR.lowrank_experts, VE, r"keep: expected a rank in \[1, min\(d_model, d_hidden\) = 16\].*got 32", LM, 32)
+row("lowrank_experts/rank 0", LR.lowrank_experts, VE, r"keep: expected a rank in \[1, min\(d_model, d_hidden\) = 16\].*got 0", LM, 0)
+row("lowrank_experts/energy 1.5", LR.lowrank_experts, VE, r"keep: .*a fraction of the energy in \(0, 1\], got 1\.5", LM, 1.5)
 row("lowrank_experts/init", LR.lowrank_experts, VE, r"init: expected 'svd' or 'random', got 'normal'", LM, 2, init="normal")
 row("lowrank_experts/dense", LR.lowrank_experts, VE, r"model: MoETransformerLM has no MoE layers .* to factorize", DENSE, 2)
 row("lowrank_experts/quantized", LR.lowrank_experts, TE, r"model: lowrank_experts needs MoE layers with dense Experts.*quantize last: "
@@ -740,7 +739,7 @@ row("lowrank_experts/quantized", LR.lowrank_experts, TE, r"model: lowrank_expert
 row("lowrank_experts/twice", LR.lowrank_experts, TE, r"lowrank_experts needs MoE layers with dense Experts, but MoE layer 0 was compressed "
     r"by lowrank_experts\(\)", LRM, 2)
 row("lowrank_experts/nan", LR.lowrank_experts, VE, r"model: expected finite weights", NANM, 2)
-row("share_experts/rank<0", LR.share_experts, VE, r"rank: expected an integer in \[0, min\(d_model, d_hidden\) = 16\], got -1", LM, -1)
+row("share_experts/keep<0", LR.share_experts, VE, r"keep: expected a rank in \[0, min\(d_model, d_hidden\) = 16\] \(an int\), got -1", LM, -1)
 row("share_experts/mode", LR.share_experts, VE, r"mode: expected one of \('all', 'first_layer'\), got 'second_layer'", LM, 1, mode="second_layer")
 row("share_experts/quantized", LR.share_experts, TE, r"model: share_experts needs MoE layers with dense Experts.*quantize last", QM, 1)
 row("share_experts/lowrank", LR.share_experts, TE, r"share_experts needs MoE layers with dense Experts.*lowrank_experts", LRM, 1)
@@ -764,7 +763,7 @@ row("permute_expert/quantized", MG.permute_expert, TE, r"experts: expected dense
 row("align_experts/dense", MG.align_experts, VE, r"model: MoETransformerLM has no MoE layers .* to align", DENSE)
 row("align_experts/quantized", MG.align_experts, TE, r"model: align needs sparse top-k MoE layers with dense Experts and a plain TopKRouter "
     r"\(apply it before other compressions\), got SparseMoE with QuantizedExperts", QM)
-row("align_experts/calib empty", MG.align_experts, VE, r"calib: the calibration data is empty", LM, EMPTY_CAL)
+row("align_experts/calib empty", MG.align_experts, VE, r"calib: the calibration data is empty", LM, calib=EMPTY_CAL)
 row("frequency_weighted_merge/count", MG.frequency_weighted_merge, VE, r"freqs: expected 3 frequencies, got 2", torch.randn(3, 4), [0.5, 0.5])
 row("frequency_weighted_merge/negative", MG.frequency_weighted_merge, VE, r"freqs: frequencies must be >= 0", torch.randn(2, 4), [0.5, -0.5])
 row("frequency_weighted_merge/nan freqs", MG.frequency_weighted_merge, VE, r"freqs: expected finite values", torch.randn(2, 4), [NAN, 0.5])
@@ -777,34 +776,37 @@ row("MergedRouter/slot_to_group shape", MG.MergedRouter, VE, r"slot_to_group: ex
     L(lambda: layer().router), torch.tensor([0, 1, 1]))
 row("MergedRouter/slot_to_group gaps", MG.MergedRouter, VE, r"slot_to_group: expected group ids 0\.\.G-1 each used at least once, got \[0, 2, 2, 3\]",
     L(lambda: layer().router), torch.tensor([0, 2, 2, 3]))
-row("merge_experts/num_groups=1", MG.merge_experts, VE, r"num_groups: expected an integer between k=2 and num_experts=4, got 1", LM, CAL, 1)
-row("merge_experts/num_groups=9", MG.merge_experts, VE, r"num_groups: expected an integer between k=2 and num_experts=4, got 9", LM, CAL, 9)
-row("merge_experts/num_groups float", MG.merge_experts, VE, r"num_groups: expected an integer between k=2 and num_experts=4, got 2\.5",
-    LM, CAL, 2.5)
-row("merge_experts/num_groups list", MG.merge_experts, VE, r"num_groups: expected one count per MoE layer \(2\), got 3", LM, CAL, [2, 2, 2])
-row("merge_experts/similarity", MG.merge_experts, VE, r"similarity: expected one of", LM, CAL, 2, similarity="l2")
-row("merge_experts/weighting", MG.merge_experts, VE, r"weighting: expected one of \('frequency', 'uniform'\), got 'mean'", LM, CAL, 2,
-    weighting="mean")
-row("merge_experts/calib None", MG.merge_experts, VE, r"calib: expected calibration data", LM, None, 2)
-row("merge_experts/calib empty", MG.merge_experts, VE, r"calib: the calibration data is empty", LM, EMPTY_CAL, 2)
-row("merge_experts/calib nan", MG.merge_experts, VE, r"calib \(batch 0\): expected finite values", CLF, NAN_CCAL, 2)
-row("merge_experts/dense", MG.merge_experts, VE, r"model: MoETransformerLM has no MoE layers .* to merge", DENSE, CAL, 2)
-row("merge_experts/soft", MG.merge_experts, TE, r"model: merge needs sparse top-k MoE layers", SOFT, CAL, 2)
-row("merge_experts/quantized", MG.merge_experts, TE, r"model: merge needs sparse top-k MoE layers with dense Experts .*QuantizedExperts", QM, CAL, 2)
-row("merge_experts/twice", MG.merge_experts, TE, r"model: merge needs .* a plain TopKRouter .*MergedRouter", MGM, CAL, 2)
-row("merge_experts/skipping", MG.merge_experts, TE, r"model: merge needs .* a plain TopKRouter .*SkippingRouter", SKM, CAL, 2)
-row("merge_experts/nan weights", MG.merge_experts, VE, r"model: expected finite weights", NANM, CAL, 2)
-row("hc_smoe/num_groups", MG.hc_smoe, VE, r"num_groups: expected an integer between k=2 and num_experts=4, got 0", LM, CAL, 0)
-row("hc_smoe/quantized", MG.hc_smoe, TE, r"model: merge needs sparse top-k MoE layers with dense Experts", QM, CAL, 2)
-row("hc_smoe/calib None", MG.hc_smoe, VE, r"calib: expected calibration data", LM, None, 2)
-row("hc_smoe/nan weights", MG.hc_smoe, VE, r"model: expected finite weights", NANM, CAL, 2)
+row("merge_experts/keep=1", MG.merge_experts, VE, r"keep: expected between k=2 and num_experts=4 merged experts per layer, got 1",
+    LM, 1, calib=CAL)
+row("merge_experts/keep=9", MG.merge_experts, VE, r"keep: expected between k=2 and num_experts=4 merged experts per layer, got 9",
+    LM, 9, calib=CAL)
+row("merge_experts/keep=2.5", MG.merge_experts, VE, r"keep: a fraction must be in \(0, 1\], got 2\.5", LM, 2.5, calib=CAL)
+row("merge_experts/keep=0.25", MG.merge_experts, VE, r"keep: expected between k=2 and num_experts=4 merged experts per layer, "
+    r"got 0\.25 -> 1", LM, 0.25, calib=CAL)
+row("merge_experts/keep list", MG.merge_experts, VE, r"keep: expected one value per MoE layer \(2\), got 3", LM, [2, 2, 2], calib=CAL)
+row("merge_experts/similarity", MG.merge_experts, VE, r"similarity: expected one of", LM, 2, calib=CAL, similarity="l2")
+row("merge_experts/weighting", MG.merge_experts, VE, r"weighting: expected one of \('frequency', 'uniform'\), got 'mean'", LM, 2, calib=CAL, weighting="mean")
+row("merge_experts/calib None", MG.merge_experts, VE, r"calib: expected calibration data", LM, 2, calib=None)
+row("merge_experts/calib empty", MG.merge_experts, VE, r"calib: the calibration data is empty", LM, 2, calib=EMPTY_CAL)
+row("merge_experts/calib nan", MG.merge_experts, VE, r"calib \(batch 0\): expected finite values", CLF, 2, calib=NAN_CCAL)
+row("merge_experts/dense", MG.merge_experts, VE, r"model: MoETransformerLM has no MoE layers .* to merge", DENSE, 2, calib=CAL)
+row("merge_experts/soft", MG.merge_experts, TE, r"model: merge needs sparse top-k MoE layers", SOFT, 2, calib=CAL)
+row("merge_experts/quantized", MG.merge_experts, TE, r"model: merge needs sparse top-k MoE layers with dense Experts .*QuantizedExperts", QM, 2, calib=CAL)
+row("merge_experts/twice", MG.merge_experts, TE, r"model: merge needs .* a plain TopKRouter .*MergedRouter", MGM, 2, calib=CAL)
+row("merge_experts/skipping", MG.merge_experts, TE, r"model: merge needs .* a plain TopKRouter .*SkippingRouter", SKM, 2, calib=CAL)
+row("merge_experts/nan weights", MG.merge_experts, VE, r"model: expected finite weights", NANM, 2, calib=CAL)
+row("hc_smoe/keep", MG.hc_smoe, VE, r"keep: expected between k=2 and num_experts=4 merged experts per layer, got 0", LM, 0, calib=CAL)
+row("hc_smoe/quantized", MG.hc_smoe, TE, r"model: merge needs sparse top-k MoE layers with dense Experts", QM, 2, calib=CAL)
+row("hc_smoe/calib None", MG.hc_smoe, VE, r"calib: expected calibration data", LM, 2, calib=None)
+row("hc_smoe/nan weights", MG.hc_smoe, VE, r"model: expected finite weights", NANM, 2, calib=CAL)
 row("LowRankSparseExperts/keep_sparse", MG.LowRankSparseExperts, VE, r"keep_sparse: expected a number in \[0, 1\), got 1", EXPERTS, 2, 1)
 row("LowRankSparseExperts/rank", MG.LowRankSparseExperts, VE, r"rank: expected an integer in \[0, min\(m, n\) = 16\], got 20", EXPERTS, 20, 0.1)
-row("mc_smoe/rank=0", MG.mc_smoe, VE, r"rank: expected an integer in \[1, 16\], got 0", LM, CAL, 2, 0, 0.1)
-row("mc_smoe/keep_sparse", MG.mc_smoe, VE, r"keep_sparse: expected a number in \[0, 1\), got 1\.5", LM, CAL, 2, 2, 1.5)
-row("mc_smoe/num_groups", MG.mc_smoe, VE, r"num_groups: expected an integer between k=2 and num_experts=4, got 5", LM, CAL, 5, 2, 0.1)
-row("mc_smoe/quantized", MG.mc_smoe, TE, r"model: merge needs sparse top-k MoE layers with dense Experts", QM, CAL, 2, 2, 0.1)
-row("mc_smoe/calib None", MG.mc_smoe, VE, r"calib: expected calibration data", LM, None, 2, 2, 0.1)
+row("mc_smoe/rank=0", MG.mc_smoe, VE, r"rank: expected an integer in \[1, 16\], got 0", LM, 2, calib=CAL, rank=0, keep_sparse=0.1)
+row("mc_smoe/keep_sparse", MG.mc_smoe, VE, r"keep_sparse: expected a number in \[0, 1\), got 1\.5", LM, 2, calib=CAL, rank=2, keep_sparse=1.5)
+row("mc_smoe/keep", MG.mc_smoe, VE, r"keep: expected between k=2 and num_experts=4 merged experts per layer, got 5", LM, 5,
+    calib=CAL, rank=2, keep_sparse=0.1)
+row("mc_smoe/quantized", MG.mc_smoe, TE, r"model: merge needs sparse top-k MoE layers with dense Experts", QM, 2, calib=CAL, rank=2, keep_sparse=0.1)
+row("mc_smoe/calib None", MG.mc_smoe, VE, r"calib: expected calibration data", LM, 2, calib=None, rank=2, keep_sparse=0.1)
 row("stable_rank/1-D", MG.stable_rank, VE, r"w: expected a floating-point tensor with at least 2 dimensions, got \(16,\)", W[0])
 row("stable_rank/nan", MG.stable_rank, VE, r"w: expected finite values", _nan(W))
 row("expert_stable_ranks/name", MG.expert_stable_ranks, VE, r"name: expected one of \('in', 'gate', 'out'\), got 'w_in'", LM, "w_in")
@@ -820,80 +822,68 @@ row("best_contiguous_run/n=0", TM.best_contiguous_run, VE, r"n: expected an int 
 row("best_contiguous_run/n>L", TM.best_contiguous_run, VE, r"n: expected an int in \[1, 2\], got 3", [X16, X16, X16], 3)
 row("expert_scores/calib None", TM.expert_scores, VE, r"calib: expected calibration data", LM, None)
 row("expert_scores/dense", TM.expert_scores, VE, r"model: MoETransformerLM has no MoE layers .* to trim", DENSE, CAL)
-row("drop_experts/keep=0", TM.drop_experts, VE, r"keep: expected between 2 \(k per layer\) and 4 experts per layer, got 0", LM, CAL, 0)
-row("drop_experts/keep=5", TM.drop_experts, VE, r"keep: expected between 2 \(k per layer\) and 4 experts per layer, got 5", LM, CAL, 5)
-row("drop_experts/keep global", TM.drop_experts, VE, r"keep: expected between 4 \(k per layer\) and 8 experts in total over all layers, got 3",
-    LM, CAL, 3, scope="global")
-row("drop_experts/keep=2.0", TM.drop_experts, VE, r"keep: expected between 2 \(k per layer\) and 4 experts per layer, got 2\.0", LM, CAL, 2.0)
-row("drop_experts/scope", TM.drop_experts, VE, r"scope: expected one of \('layer', 'global'\), got 'model'", LM, CAL, 2, scope="model")
-row("drop_experts/calib None", TM.drop_experts, VE, r"calib: expected calibration data", LM, None, 2)
-row("drop_experts/calib empty", TM.drop_experts, VE, r"calib: the calibration data is empty", LM, EMPTY_CAL, 2)
-row("drop_experts/dense", TM.drop_experts, VE, r"model: MoETransformerLM has no MoE layers .* to trim", DENSE, CAL, 2)
-row("drop_experts/soft", TM.drop_experts, TE, r"model: expert drop needs sparse top-k MoE layers, got SoftMoE", SOFT, CAL, 2)
-row("drop_experts/quantized", TM.drop_experts, TE, r"model: drop_experts needs MoE layers with dense Experts.*quantize last", QM, CAL, 2)
-row("drop_experts/merged", TM.drop_experts, TE, r"model: drop_experts needs routers of type TopKRouter or SkippingRouter; MoE layer 0 was merged",
-    MGM, CAL, 2)
-row("drop_experts/nan weights", TM.drop_experts, VE, r"model: expected finite weights", NANM, CAL, 2)
+row("drop_experts/keep=0", TM.drop_experts, VE, r"keep: expected between k=2 and num_experts=4 experts per layer, got 0", LM, 0, calib=CAL)
+row("drop_experts/keep=5", TM.drop_experts, VE, r"keep: expected between k=2 and num_experts=4 experts per layer, got 5", LM, 5, calib=CAL)
+row("drop_experts/keep global", TM.drop_experts, VE, r"keep: expected between 4 \(k per layer\) and 8 experts in total over all layers, got 3", LM, 3, calib=CAL, scope="global")
+row("drop_experts/keep=2.0", TM.drop_experts, VE, r"keep: a fraction must be in \(0, 1\], got 2\.0", LM, 2.0, calib=CAL)
+row("drop_experts/scope", TM.drop_experts, VE, r"scope: expected one of \('layer', 'global'\), got 'model'", LM, 2, calib=CAL, scope="model")
+row("drop_experts/calib None", TM.drop_experts, VE, r"calib: expected calibration data", LM, 2, calib=None)
+row("drop_experts/calib empty", TM.drop_experts, VE, r"calib: the calibration data is empty", LM, 2, calib=EMPTY_CAL)
+row("drop_experts/dense", TM.drop_experts, VE, r"model: MoETransformerLM has no MoE layers .* to trim", DENSE, 2, calib=CAL)
+row("drop_experts/soft", TM.drop_experts, TE, r"model: expert drop needs sparse top-k MoE layers, got SoftMoE", SOFT, 2, calib=CAL)
+row("drop_experts/quantized", TM.drop_experts, TE, r"model: drop_experts needs MoE layers with dense Experts.*quantize last", QM, 2, calib=CAL)
+row("drop_experts/merged", TM.drop_experts, TE, r"model: drop_experts needs routers of type TopKRouter or SkippingRouter; MoE layer 0 was merged", MGM, 2, calib=CAL)
+row("drop_experts/nan weights", TM.drop_experts, VE, r"model: expected finite weights", NANM, 2, calib=CAL)
 row("layer_similarities/dense", TM.layer_similarities, VE, r"model: MoETransformerLM has no MoE layers", DENSE, CAL)
 row("layer_similarities/calib empty", TM.layer_similarities, VE, r"calib: the calibration data is empty", LM, EMPTY_CAL)
 row("layer_similarities/calib oov", TM.layer_similarities, VE, r"calib: batch 0 has token id 16", LM, OOV_CAL)
 row("Skipped/index", TM.Skipped, VE, r"index: expected an integer in \[0, inf\], got -1", -1)
-row("drop_layers/n=2 (all)", TM.drop_layers, VE, r"n: expected an int number of MoE layers to drop in \[0, 1\] \(the model has 2; at least one must stay\), got 2",
-    LM, CAL, 2)
-row("drop_layers/n<0", TM.drop_layers, VE, r"n: expected an int number of MoE layers to drop in \[0, 1\]", LM, CAL, -1)
-row("drop_layers/n float", TM.drop_layers, VE, r"n: expected an int number of MoE layers to drop in \[0, 1\]", LM, CAL, 1.0)
-row("drop_layers/dense", TM.drop_layers, VE, r"model: MoETransformerLM has no MoE layers .* to trim", DENSE, CAL, 1)
-row("drop_layers/no blocks", TM.drop_layers, TE, r"model: expected a model with \.blocks", L(lambda: nn.Sequential(layer())), CAL, 1)
-row("drop_layers/calib None", TM.drop_layers, VE, r"calib: expected calibration data", LM, None, 1)
+row("drop_layers/keep=0", TM.drop_layers, VE, r"keep: expected between 1 and 2 MoE layers, got 0", LM, 0, calib=CAL)
+row("drop_layers/keep>L", TM.drop_layers, VE, r"keep: expected between 1 and 2 MoE layers, got 3", LM, 3, calib=CAL)
+row("drop_layers/keep=1.5", TM.drop_layers, VE, r"keep: a fraction must be in \(0, 1\], got 1\.5", LM, 1.5, calib=CAL)
+row("drop_layers/dense", TM.drop_layers, VE, r"model: MoETransformerLM has no MoE layers .* to trim", DENSE, 1, calib=CAL)
+row("drop_layers/no blocks", TM.drop_layers, TE, r"model: expected a model with \.blocks", L(lambda: nn.Sequential(layer())), 1, calib=CAL)
+row("drop_layers/calib None", TM.drop_layers, VE, r"calib: expected calibration data", LM, 1, calib=None)
 row("block_hidden_states/no blocks", TM.block_hidden_states, TE, r"model: expected a model with \.blocks", SEQ, CAL)
 row("block_hidden_states/calib None", TM.block_hidden_states, VE, r"calib: expected calibration data", LM, None)
-row("drop_blocks/n=L", TM.drop_blocks, VE, r"n: expected an int number of blocks to drop in \[0, 1\] \(the model has 2; at least one must stay\), got 2",
-    LM, CAL, 2)
-row("drop_blocks/n str", TM.drop_blocks, VE, r"n: expected an int number of blocks to drop", LM, CAL, "1")
-row("drop_blocks/dense", TM.drop_blocks, VE, r"model: MoETransformerLM has no MoE layers .* to trim", DENSE, CAL, 1)
-row("drop_blocks/calib empty", TM.drop_blocks, VE, r"calib: the calibration data is empty", LM, EMPTY_CAL, 1)
-row("drop_blocks/calib no tokens", TM.drop_blocks, VE, r"calib: batch 0 has no tokens", LM, NO_TOKENS_CAL, 1)
+row("drop_blocks/keep=0", TM.drop_blocks, VE, r"keep: expected between 1 and 2 blocks, got 0", LM, 0, calib=CAL)
+row("drop_blocks/keep str", TM.drop_blocks, VE, r"keep: expected an int number of blocks or a fraction in \(0, 1\], got '1'", LM, "1", calib=CAL)
+row("drop_blocks/dense", TM.drop_blocks, VE, r"model: MoETransformerLM has no MoE layers .* to trim", DENSE, 1, calib=CAL)
+row("drop_blocks/calib empty", TM.drop_blocks, VE, r"calib: the calibration data is empty", LM, 1, calib=EMPTY_CAL)
+row("drop_blocks/calib no tokens", TM.drop_blocks, VE, r"calib: batch 0 has no tokens", LM, 1, calib=NO_TOKENS_CAL)
 
 
 # ---- inplace=True: a failing call must not leave a half-compressed model behind ------------
 FRESH = L(lambda: copy.deepcopy(lm()))
 row("quantize/inplace bits[1]", QU.quantize, VE, r"bits\[1\]: expected one of \(2, 3, 4, 8\), got 5", FRESH, [4, 5], inplace=True)
 row("quantize/inplace group_size", QU.quantize, VE, r"group_size: must divide d_model=16", FRESH, 4, group_size=3, inplace=True)
-row("prune_magnitude/inplace quantized", PR.prune_magnitude, TE, r"quantize last", L(lambda: copy.deepcopy(quantized())), 0.5,
-    inplace=True)
-row("prune_experts/inplace nan calib", PR.prune_experts, VE, r"calib \(batch 0\): expected finite values",
-    L(lambda: copy.deepcopy(clf())), NAN_CCAL, 2, inplace=True)
-row("prune_experts/inplace keep", PR.prune_experts, VE, r"keep: expected between k=2 and num_experts=4", FRESH, CAL, 5, inplace=True)
-row("skip_experts/inplace twice", PR.skip_experts, TE, r"already skips experts", L(lambda: copy.deepcopy(skipping())), CAL, inplace=True)
-row("merge_experts/inplace num_groups[1]", MG.merge_experts, VE, r"num_groups: expected an integer between k=2 and num_experts=4, got 9",
-    FRESH, CAL, [2, 9], inplace=True)
-row("hc_smoe/inplace num_groups[1]", MG.hc_smoe, VE, r"num_groups: expected an integer between k=2 and num_experts=4, got 1",
-    FRESH, CAL, [3, 1], inplace=True)
-row("mc_smoe/inplace keep_sparse", MG.mc_smoe, VE, r"keep_sparse: expected a number in \[0, 1\), got 1\.5", FRESH, CAL, 2, 2, 1.5,
-    inplace=True)
-row("mc_smoe/inplace similarity", MG.mc_smoe, VE, r"similarity: expected one of", FRESH, CAL, 2, 2, 0.1, inplace=True, similarity="l1")
-row("align_experts/inplace quantized", MG.align_experts, TE, r"apply it before other compressions", L(lambda: copy.deepcopy(quantized())),
-    inplace=True)
+row("prune_magnitude/inplace quantized", PR.prune_magnitude, TE, r"quantize last", L(lambda: copy.deepcopy(quantized())), 0.5, inplace=True)
+row("prune_experts/inplace nan calib", PR.prune_experts, VE, r"calib \(batch 0\): expected finite values", L(lambda: copy.deepcopy(clf())), 2, calib=NAN_CCAL, inplace=True)
+row("prune_experts/inplace keep", PR.prune_experts, VE, r"keep: expected between k=2 and num_experts=4", FRESH, 5, calib=CAL, inplace=True)
+row("skip_experts/inplace twice", PR.skip_experts, TE, r"already skips experts", L(lambda: copy.deepcopy(skipping())), calib=CAL, inplace=True)
+row("merge_experts/inplace keep[1]", MG.merge_experts, VE, r"keep\[1\]: expected between k=2 and num_experts=4 merged experts "
+    r"per layer, got 9", FRESH, [2, 9], calib=CAL, inplace=True)
+row("hc_smoe/inplace keep[1]", MG.hc_smoe, VE, r"keep\[1\]: expected between k=2 and num_experts=4 merged experts per layer, "
+    r"got 1", FRESH, [3, 1], calib=CAL, inplace=True)
+row("mc_smoe/inplace keep_sparse", MG.mc_smoe, VE, r"keep_sparse: expected a number in \[0, 1\), got 1\.5", FRESH, 2, calib=CAL,
+    rank=2, keep_sparse=1.5, inplace=True)
+row("mc_smoe/inplace similarity", MG.mc_smoe, VE, r"similarity: expected one of", FRESH, 2, calib=CAL, rank=2, keep_sparse=0.1, inplace=True, similarity="l1")
+row("align_experts/inplace quantized", MG.align_experts, TE, r"apply it before other compressions", L(lambda: copy.deepcopy(quantized())), inplace=True)
 row("lowrank_experts/inplace quantized", LR.lowrank_experts, TE, r"quantize last", L(lambda: copy.deepcopy(quantized())), 2, inplace=True)
-row("share_experts/inplace rank", LR.share_experts, VE, r"rank: expected an integer in \[0, min\(d_model, d_hidden\) = 16\], got 99",
+row("share_experts/inplace keep", LR.share_experts, VE, r"keep: expected a rank in \[0, min\(d_model, d_hidden\) = 16\] \(an int\), got 99",
     FRESH, 99, inplace=True)
-row("drop_experts/inplace merged", TM.drop_experts, TE, r"was merged", L(lambda: copy.deepcopy(merged())), CAL, 2, inplace=True)
-row("drop_layers/inplace n", TM.drop_layers, VE, r"n: expected an int number of MoE layers to drop in \[0, 1\]", FRESH, CAL, 2,
-    inplace=True)
-row("drop_blocks/inplace calib", TM.drop_blocks, VE, r"calib: batch 0 has token id 16", FRESH, OOV_CAL, 1, inplace=True)
+row("drop_experts/inplace merged", TM.drop_experts, TE, r"was merged", L(lambda: copy.deepcopy(merged())), 2, calib=CAL, inplace=True)
+row("drop_layers/inplace keep", TM.drop_layers, VE, r"keep: expected between 1 and 2 MoE layers, got 0", FRESH, 0, calib=CAL, inplace=True)
+row("drop_blocks/inplace calib", TM.drop_blocks, VE, r"calib: batch 0 has token id 16", FRESH, 1, calib=OOV_CAL, inplace=True)
 
 # ---- more calibration mistakes ------------------------------------------------------------
-row("prune_experts/calib DatasetDict", PR.prune_experts, TE, r"calib: got a DatasetDict with splits \['train'\]; pass one split",
-    LM, L(lambda: _dataset_dict()), 2)
-row("prune_experts/calib float ids", PR.prune_experts, TE, r"input_ids must be an integer tensor, got torch.float32", LM,
-    {"input_ids": torch.zeros(2, 9)}, 2)
-row("merge_experts/calib str", MG.merge_experts, TE, r"calib: expected a datasets.Dataset, a tensor, a dict of tensors or an iterable",
-    LM, "shakespeare", 2)
-row("drop_blocks/calib nan", TM.drop_blocks, VE, r"calib \(batch 0\): expected finite values", CLF, NAN_CCAL, 0)
+row("prune_experts/calib DatasetDict", PR.prune_experts, TE, r"calib: got a DatasetDict with splits \['train'\]; pass one split", LM, 2, calib=L(lambda: _dataset_dict()))
+row("prune_experts/calib float ids", PR.prune_experts, TE, r"input_ids must be an integer tensor, got torch.float32", LM, 2, calib={"input_ids": torch.zeros(2, 9)})
+row("merge_experts/calib str", MG.merge_experts, TE, r"calib: expected a datasets.Dataset, a tensor, a dict of tensors or an iterable", LM, 2, calib="shakespeare")
+row("drop_blocks/calib nan", TM.drop_blocks, VE, r"calib \(batch 0\): expected finite values", CLF, 1.0, calib=NAN_CCAL)
 row("expert_scores/calib inf", TM.expert_scores, VE, r"calib \(batch 0\): expected finite values, got 0 NaN and 1 inf", CLF,
     L(lambda: {"x": _nan(clf_calib()["x"], INF)}))
-row("skip_experts/calib wrong width", PR.skip_experts, VE, r"x: expected shape \[B, input_length=40\], got \(8, 30\)", CLF,
-    {"x": torch.randn(8, 30)})
+row("skip_experts/calib wrong width", PR.skip_experts, VE, r"x: expected shape \[B, input_length=40\], got \(8, 30\)", CLF, calib={"x": torch.randn(8, 30)})
 
 
 @cache
@@ -915,50 +905,47 @@ if RC is not None:
         LM, [("quantize", {"bits": 4, "inplace": True})])
     row("pipeline/missing keyword", RC.pipeline, VE, r"steps\[0\] \(quantize\): missing required keyword\(s\) \['bits'\]",
         LM, [("quantize", {})])
-    row("pipeline/lowrank missing", RC.pipeline, VE, r"steps\[0\] \(lowrank\): missing required keyword\(s\) \['rank or energy'\]",
+    row("pipeline/lowrank missing", RC.pipeline, VE, r"steps\[0\] \(lowrank\): missing required keyword\(s\) \['keep'\]",
         LM, [("lowrank", {})])
     row("pipeline/kwargs type", RC.pipeline, VE, r"steps\[0\] \(quantize\): kwargs must be a dict, got int", LM, [("quantize", 4)])
     row("pipeline/needs calib", RC.pipeline, VE, r"steps\[0\] \(merge\): needs calibration data: pass calib=", LM,
-        [("merge", {"num_groups": 2})])
+        [("merge", {"keep": 2})])
     row("pipeline/bits=5", RC.pipeline, VE, r"steps\[0\] \(quantize\): bits must be one of \(2, 3, 4, 8\), got 5", LM,
         [("quantize", {"bits": 5})])
-    row("pipeline/rank=0", RC.pipeline, VE, r"steps\[0\] \(lowrank\): rank must be >= 1, got 0", LM, [("lowrank", {"rank": 0})])
+    row("pipeline/keep=0", RC.pipeline, VE, r"steps\[0\] \(lowrank\): keep must be >= 1, got 0", LM, [("lowrank", {"keep": 0})])
     row("pipeline/quantize then lowrank", RC.pipeline, VE, r"steps\[1\] \(lowrank\): needs plain experts, but steps\[0\] \(quantize\) "
-        r"already stored them in a compressed form; put 'lowrank' before it", LM, [("quantize", {"bits": 4}), ("lowrank", {"rank": 2})])
+        r"already stored them in a compressed form; put 'lowrank' before it", LM, [("quantize", {"bits": 4}), ("lowrank", {"keep": 2})])
     row("pipeline/quantize twice", RC.pipeline, VE, r"steps\[1\] \(quantize\): needs plain experts, but steps\[0\] \(quantize\)", LM,
         [("quantize", {"bits": 8}), ("quantize", {"bits": 4})])
     row("pipeline/quantize then merge", RC.pipeline, VE, r"steps\[1\] \(merge\): needs plain experts", LM,
-        [("quantize", {"bits": 8}), ("merge", {"num_groups": 2})], CAL)
+        [("quantize", {"bits": 8}), ("merge", {"keep": 2})], calib=CAL)
     row("pipeline/merge then prune", RC.pipeline, TE, r"steps\[1\] \(prune\): model: prune_experts needs routers of type TopKRouter or "
-        r"SkippingRouter; MoE layer 0 was merged", LM, [("merge", {"num_groups": 3}), ("prune", {"keep": 2})], CAL)
+        r"SkippingRouter; MoE layer 0 was merged", LM, [("merge", {"keep": 3}), ("prune", {"keep": 2})], calib=CAL)
     row("pipeline/dense model", RC.pipeline, VE, r"steps\[0\] \(quantize\): model: MoETransformerLM has no MoE layers", DENSE,
         [("quantize", {"bits": 4})])
-    row("pipeline/num_groups too big", RC.pipeline, VE, r"steps\[0\] \(merge\): num_groups: expected an integer between k=2 and "
-        r"num_experts=4, got 9", LM, [("merge", {"num_groups": 9})], CAL)
+    row("pipeline/keep too big", RC.pipeline, VE, r"steps\[0\] \(merge\): keep: expected between k=2 and "
+        r"num_experts=4 merged experts per layer, got 9", LM, [("merge", {"keep": 9})], calib=CAL)
     row("pipeline/evaluate", RC.pipeline, TE, r"evaluate: expected a callable model -> float, got float", LM, [], evaluate=0.5)
     row("pipeline/callable returns None", RC.pipeline, TE, r"steps\[0\] \(callable\): returned NoneType, expected an nn.Module",
         LM, [lambda m: None])
-    # A step that fails at run time (merge checks num_groups against the model only when it runs)
+    # A step that fails at run time (merge checks keep against the model only when it runs)
     # after an earlier step succeeded: with inplace=True the model must come back unchanged.
-    row("pipeline/inplace half-applied", RC.pipeline, VE, r"steps\[1\] \(merge\): num_groups", L(lambda: copy.deepcopy(lm())),
-        [("drop_layers", {"n": 1}), ("merge", {"num_groups": 9})], CAL, inplace=True)
-    row("quantize_rest/bits", RC.quantize_rest, VE, r"bits: expected one of \(2, 3, 4, 8\), got 5", LM, 5)
-    row("quantize_rest/embedding_bits", RC.quantize_rest, VE, r"embedding_bits: expected one of \(2, 3, 4, 8\), got 16", LM,
-        embedding_bits=16)
-    row("quantize_rest/group_size", RC.quantize_rest, VE, r"group_size: expected None or a positive int, got 0", LM, group_size=0)
-    row("quantize_rest/dense", RC.quantize_rest, VE, r"model: MoETransformerLM has no MoE layers", DENSE)
-    row("quantize_rest/nan inplace", RC.quantize_rest, VE, r"model: expected finite weights",
-        L(lambda: _nan_param(copy.deepcopy(lm()), "blocks.1.mixer.qkv.weight")), inplace=True)
+    row("pipeline/inplace half-applied", RC.pipeline, VE, r"steps\[1\] \(merge\): keep", L(lambda: copy.deepcopy(lm())),
+        [("drop_layers", {"keep": 1}), ("merge", {"keep": 9})], calib=CAL, inplace=True)
+    row("quantize_rest/bits", QU.quantize_rest, VE, r"bits: expected one of \(2, 3, 4, 8\), got 5", LM, 5)
+    row("quantize_rest/embedding_bits", QU.quantize_rest, VE, r"embedding_bits: expected one of \(2, 3, 4, 8\), got 16", LM, embedding_bits=16)
+    row("quantize_rest/group_size", QU.quantize_rest, VE, r"group_size: expected None or a positive int, got 0", LM, group_size=0)
+    row("quantize_rest/dense", QU.quantize_rest, VE, r"model: MoETransformerLM has no MoE layers", DENSE)
+    row("quantize_rest/nan inplace", QU.quantize_rest, VE, r"model: expected finite weights", L(lambda: _nan_param(copy.deepcopy(lm()), "blocks.1.mixer.qkv.weight")), inplace=True)
     row("describe_step/unknown", RC.describe_step, VE, r"step: unknown step 'quantise'; allowed names", ("quantise", {}))
     row("pareto_frontier/dict", RC.pareto_frontier, TE, r"points: expected a list of dicts, got dict", {"bytes": 1})
     row("pareto_frontier/item", RC.pareto_frontier, TE, r"points\[1\]: expected a dict, got int", [{"bytes": 1, "quality": 1.0}, 3])
     row("pareto_frontier/x", RC.pareto_frontier, TE, r"x, y: expected the names \(str\) of two keys", [], x=0)
     row("pareto_frontier/higher_is_better", RC.pareto_frontier, TE, r"higher_is_better: expected a bool, got 'yes'", [],
         higher_is_better="yes")
-    row("compression_table/model_name", RC.compression_table, VE, r"model_name: expected one of \('shakespeare-moe', 'mnist1d-moe'\), "
+    row("compression_table/model_name", CT.compression_table, VE, r"model_name: expected one of \('shakespeare-moe', 'mnist1d-moe'\), "
         r"got 'gpt2'", "gpt2")
-    row("plot_frontier(recipes)/empty", RC.plot_frontier, VE, r"rows: expected a non-empty list of dicts", [])
-    row("compression_table/quick", RC.compression_table, TE, r"quick: expected a bool, got 'yes'", "mnist1d-moe", quick="yes")
+    row("compression_table/quick", CT.compression_table, TE, r"quick: expected a bool, got 'yes'", "mnist1d-moe", quick="yes")
 
 
 def _nan_param(model: nn.Module, name: str) -> nn.Module:

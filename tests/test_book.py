@@ -211,9 +211,6 @@ def test_prose_has_no_workflow_words_or_machine_paths(built_book):
     assert not hits, f"words of the project's workflow or machine paths in the text of {hits}"
 
 
-@pytest.mark.xfail(strict=True, reason="stored outputs: 03_measuring_moe prints its zoo cache path "
-                   "(/root/.cache/moe_course) and 05_quantization prints 'Aim (issue): ...' from a code "
-                   "cell; they go when those cells are changed and re-executed (then drop this mark)")
 def test_code_cells_and_outputs_have_no_workflow_words_or_machine_paths(built_book):
     _, html_dir = built_book
     hits = _workflow_hits(html_dir, cells=True)

@@ -194,7 +194,7 @@ FAKE_ROWS = [
 
 @pytest.fixture
 def fake_engine(monkeypatch):
-    """Fakes of recipes.compression_table and plot_frontier behind the CLI's lazy import."""
+    """Fakes of course_table.compression_table and viz.plot_frontier behind the CLI's lazy import."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -216,20 +216,19 @@ def fake_engine(monkeypatch):
         ax.plot([r[x] for r in rows], [r["quality"] for r in rows], "o")
         return fig
 
-    recipes = types.SimpleNamespace(compression_table=compression_table, plot_frontier=plot_frontier)
+    table = types.SimpleNamespace(compression_table=compression_table)
     viz = types.SimpleNamespace(plot_frontier=plot_frontier)
     real_import = cli.importlib.import_module
 
     def fake_import(name, *args, **kwargs):
-        if name == "moe_course.compress.recipes":
-            return recipes
+        if name == "moe_course.course_table":
+            return table
         if name == "moe_course.viz":
-            calls["viz"] = True
             return viz
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(cli.importlib, "import_module", fake_import)
-    return calls, recipes
+    return calls, table
 
 
 def test_table_prints_and_writes_csv_and_png(fake_engine, tmp_path, capsys):
@@ -251,13 +250,6 @@ def test_table_prints_and_writes_csv_and_png(fake_engine, tmp_path, capsys):
     assert list(rows[0]) == list(FAKE_ROWS[0])
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"wrote {csv_path}" in out and f"wrote {png_path}" in out
-
-
-def test_table_falls_back_to_viz_for_the_plot(fake_engine, tmp_path):
-    calls, recipes = fake_engine
-    del recipes.plot_frontier
-    assert cli.main(["table", "--model", "shakespeare-moe", "--out", str(tmp_path)]) == 0
-    assert calls.get("viz") and (tmp_path / "compression_shakespeare-moe.png").is_file()
 
 
 def test_table_unknown_model_exits_2_naming_the_allowed_names(fake_engine, tmp_path, capsys):
@@ -290,7 +282,7 @@ def test_table_argument_validation(fake_engine, tmp_path, capsys):
 
 
 def test_table_without_the_engine_is_a_clear_usage_error(without_module, tmp_path, capsys):
-    without_module("moe_course.compress.recipes")
+    without_module("moe_course.course_table")
     assert cli.main(["table", "--model", "mnist1d-moe", "--out", str(tmp_path)]) == 2
     assert "compression engine is not available" in capsys.readouterr().err
 

@@ -1,4 +1,4 @@
-"""compress.distillation: the KD loss's math, its argument checks, and distill() on tiny models."""
+"""compress.distillation: the KD loss's math, its argument checks, and train_student() on tiny models."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe_course.compress.distillation import (distill, gain_preserved, init_from_teacher, kd_loss,
-                                              make_student, soft_targets)
+from moe_course.compress.distillation import (gain_preserved, init_from_teacher, kd_loss, make_student,
+                                              soft_targets, train_student)
 from moe_course.data import load_mnist1d
 from moe_course.models import ClassifierConfig, LMConfig, model_from_config
 from moe_course.train import TrainConfig
@@ -103,7 +103,7 @@ def test_make_student_and_init_from_teacher():
     assert init_from_teacher(dense, t)
 
 
-def test_distill_trains_student_and_leaves_teacher_alone(mnist):
+def test_train_student_trains_it_in_place_and_leaves_teacher_alone(mnist):
     t = tiny_teacher()
     t.eval()
     before = {k: v.clone() for k, v in t.state_dict().items()}
@@ -111,7 +111,9 @@ def test_distill_trains_student_and_leaves_teacher_alone(mnist):
     init_from_teacher(s, t)
     s0 = {k: v.clone() for k, v in s.state_dict().items()}
     cfg = TrainConfig(steps=5, batch_size=32, warmup_steps=1, eval_every=0, eval_batches=2)
-    h = distill(t, s, mnist, cfg, temperature=2.0, alpha=0.5, progress=False)
+    trained = train_student(s, t, mnist, cfg=cfg, temperature=2.0, alpha=0.5, progress=False)
+    assert trained is s                                          # training: the student itself, trained in place
+    h = s.kd_history
     assert len(h.train_loss) == 5 and all(math.isfinite(x) for x in h.train_loss)
     assert h.final_eval is not None and "accuracy" in h.final_eval
     assert "aux" in h.train_metrics[0] and h.train_metrics[0]["aux"] > 0  # student's MoE aux loss included
@@ -120,7 +122,7 @@ def test_distill_trains_student_and_leaves_teacher_alone(mnist):
     assert any(not torch.equal(v, s0[k]) for k, v in s.state_dict().items())
 
 
-def test_distill_lm_and_bad_arguments():
+def test_train_student_lm_and_bad_arguments():
     cfg_m = LMConfig(d_model=16, n_layers=1, n_heads=2, num_experts=4, k=2, d_hidden=16, context_length=8,
                      vocab_size=11)
     torch.manual_seed(0)
@@ -129,11 +131,12 @@ def test_distill_lm_and_bad_arguments():
     import datasets
 
     rows = datasets.Dataset.from_dict({"input_ids": torch.randint(0, 11, (8, 9)).tolist()}).with_format("torch")
-    h = distill(t, s, rows, TrainConfig(steps=2, batch_size=4, warmup_steps=1, eval_every=0), progress=False)
+    h = train_student(s, t, rows, cfg=TrainConfig(steps=2, batch_size=4, warmup_steps=1, eval_every=0),
+                      progress=False).kd_history
     assert len(h.train_loss) == 2
     with pytest.raises(ValueError, match="student"):
-        distill(t, t, rows, progress=False)
+        train_student(t, t, rows, progress=False)
     with pytest.raises(ValueError, match="alpha"):
-        distill(t, s, rows, alpha=2.0, progress=False)
+        train_student(s, t, rows, alpha=2.0, progress=False)
     with pytest.raises(ValueError, match="empty"):
-        distill(t, s, rows.select([]), progress=False)
+        train_student(s, t, rows.select([]), progress=False)

@@ -186,9 +186,9 @@ def test_to_hf_is_the_original_again_without_copies(arch):
 def test_roundtrip_after_expert_drop_merge_and_block_drop(arch, tmp_path):
     b = hf.from_hf(original(arch))
     spec = hf.ARCHITECTURES[arch]
-    dropped = trimming.drop_experts(b, CALIB, keep=3)
-    merged = merging.merge_experts(b, CALIB, num_groups=2)
-    fewer = trimming.drop_blocks(b, CALIB, n=1)
+    dropped = trimming.drop_experts(b, 3, calib=CALIB)
+    merged = merging.merge_experts(b, 2, calib=CALIB)
+    fewer = trimming.drop_blocks(b, len(b.blocks) - 1, calib=CALIB)
     for model, name in ((dropped, "drop"), (merged, "merge"), (fewer, "blocks")):
         back, path = _reload(model, tmp_path, name)
         close(logits(back), logits(model))
@@ -212,7 +212,7 @@ def test_roundtrip_after_expert_drop_merge_and_block_drop(arch, tmp_path):
 @pytest.mark.parametrize("arch", ["qwen2_moe", "qwen3_moe", "mixtral"])
 def test_roundtrip_after_layer_drop(arch, tmp_path):
     b = hf.from_hf(original(arch))
-    fewer = trimming.drop_layers(b, CALIB, n=1)
+    fewer = trimming.drop_layers(b, len(moe_layers(b)) - 1, calib=CALIB)
     assert len(moe_layers(fewer)) == 1 and len(moe_layers(b)) == 2
     if arch == "mixtral":
         with pytest.raises(ValueError, match=r"drop_layers\(\) removed the MoE block of decoder layers \[\d\]; "
@@ -263,7 +263,7 @@ def test_quantized_experts_packed_format_is_smaller_and_loads(arch, tmp_path):
     assert all(type(l.experts).__name__ == "QuantizedExperts" for l in moe_layers(back))
     close(logits(back), logits(q))
     # merged, then quantized: each group stored once, the router's slot map restored
-    mq = quantization.quantize(merging.merge_experts(b, CALIB, num_groups=2), 4, group_size=8, targets="all")
+    mq = quantization.quantize(merging.merge_experts(b, 2, calib=CALIB), 4, group_size=8, targets="all")
     hf.save_pretrained(mq, tmp_path / "merged")
     back = hf.from_pretrained(tmp_path / "merged")
     assert all(isinstance(l.router, merging.MergedRouter) and l.experts.num_experts == 2 for l in moe_layers(back))
@@ -274,17 +274,17 @@ def test_quantized_experts_packed_format_is_smaller_and_loads(arch, tmp_path):
 def test_to_hf_names_the_step_it_cannot_express(arch):
     b = hf.from_hf(original(arch))
     cases = [
-        (lambda: pruning.skip_experts(b, CALIB), r"SkippingRouter \(from skip_experts\(\)\)"),
-        (lambda: trimming.drop_experts(b, CALIB, keep=5, scope="global"), r"scope='global'"),
-        (lambda: lowrank.lowrank_experts(b, rank=4), r"lowrank_experts\(\) \(LowRankExperts\)"),
-        (lambda: merging.mc_smoe(b, CALIB, num_groups=2, rank=4, keep_sparse=0.1), r"mc_smoe\(\)"),
-        (lambda: recipes.quantize_rest(b, 8), r"quantize\(targets='all'\) or quantize_rest\(\)"),
+        (lambda: pruning.skip_experts(b, calib=CALIB), r"SkippingRouter \(from skip_experts\(\)\)"),
+        (lambda: trimming.drop_experts(b, 5, calib=CALIB, scope="global"), r"scope='global'"),
+        (lambda: lowrank.lowrank_experts(b, 4), r"lowrank_experts\(\) \(LowRankExperts\)"),
+        (lambda: merging.mc_smoe(b, 2, calib=CALIB, rank=4, keep_sparse=0.1), r"mc_smoe\(\)"),
+        (lambda: quantization.quantize_rest(b, 8), r"quantize\(targets='all'\) or quantize_rest\(\)"),
     ]
     for make, message in cases:
         model = make()
         with pytest.raises(ValueError, match=message):
             hf.to_hf(model)
-    lr = lowrank.lowrank_experts(b, rank=4)
+    lr = lowrank.lowrank_experts(b, 4)
     close(logits(hf.to_hf(lr, materialize=True)), logits(lr))
 
 
@@ -293,21 +293,21 @@ def test_to_hf_names_the_step_it_cannot_express(arch):
 # ------------------------------------------------------------------------------------------------
 TECHNIQUES = {  # name: (function of the bridged model, whether true bytes must shrink)
     "prune_magnitude": (lambda m: pruning.prune_magnitude(m, 0.5), False),
-    "prune_experts": (lambda m: pruning.prune_experts(m, CALIB, keep=2), True),
-    "prune_experts_naee": (lambda m: pruning.prune_experts(m, CALIB, keep=3, method="naee"), True),
-    "skip_experts": (lambda m: pruning.skip_experts(m, CALIB), False),
+    "prune_experts": (lambda m: pruning.prune_experts(m, 2, calib=CALIB), True),
+    "prune_experts_naee": (lambda m: pruning.prune_experts(m, 3, calib=CALIB, method="naee"), True),
+    "skip_experts": (lambda m: pruning.skip_experts(m, calib=CALIB), False),
     "quantize": (lambda m: quantization.quantize(m, 4, group_size=8), True),
     "quantize_all": (lambda m: quantization.quantize(m, 4, group_size=8, targets="all"), True),
-    "quantize_rest": (lambda m: recipes.quantize_rest(m, 8), True),
-    "lowrank": (lambda m: lowrank.lowrank_experts(m, rank=2), True),
-    "share": (lambda m: lowrank.share_experts(m, rank=1), True),
-    "align": (lambda m: merging.align_experts(m, CALIB), False),
-    "merge": (lambda m: merging.merge_experts(m, CALIB, num_groups=2), True),
-    "hc_smoe": (lambda m: merging.hc_smoe(m, CALIB, num_groups=2), True),
-    "mc_smoe": (lambda m: merging.mc_smoe(m, CALIB, num_groups=2, rank=2, keep_sparse=0.05), True),
-    "drop_experts": (lambda m: trimming.drop_experts(m, CALIB, keep=3), True),
-    "drop_layers": (lambda m: trimming.drop_layers(m, CALIB, n=1), True),
-    "drop_blocks": (lambda m: trimming.drop_blocks(m, CALIB, n=1), True),
+    "quantize_rest": (lambda m: quantization.quantize_rest(m, 8), True),
+    "lowrank": (lambda m: lowrank.lowrank_experts(m, 2), True),
+    "share": (lambda m: lowrank.share_experts(m, 1), True),
+    "align": (lambda m: merging.align_experts(m, calib=CALIB), False),
+    "merge": (lambda m: merging.merge_experts(m, 2, calib=CALIB), True),
+    "hc_smoe": (lambda m: merging.hc_smoe(m, 2, calib=CALIB), True),
+    "mc_smoe": (lambda m: merging.mc_smoe(m, 2, calib=CALIB, rank=2, keep_sparse=0.05), True),
+    "drop_experts": (lambda m: trimming.drop_experts(m, 3, calib=CALIB), True),
+    "drop_layers": (lambda m: trimming.drop_layers(m, len(moe_layers(m)) - 1, calib=CALIB), True),
+    "drop_blocks": (lambda m: trimming.drop_blocks(m, len(m.blocks) - 1, calib=CALIB), True),
 }
 _BRIDGED: dict[str, torch.nn.Module] = {}
 
@@ -364,11 +364,11 @@ def test_distill_recovers_a_bridged_student():
     """Knowledge distillation (course's distill/fit) through the logits wrapper: a bridged student
     after expert drop moves towards its bridged teacher."""
     datasets = pytest.importorskip("datasets")
-    from moe_course.compress.distillation import distill, kd_loss
+    from moe_course.compress.distillation import kd_loss, train_student
     from moe_course.train import TrainConfig
 
     teacher = bridged("qwen3_moe")
-    student = trimming.drop_experts(teacher, CALIB, keep=2)
+    student = trimming.drop_experts(teacher, 2, calib=CALIB)
     rows = ids(64, 17, seed=7)
     data = datasets.Dataset.from_dict({"input_ids": rows.tolist()}).with_format("torch")
     x, y = rows[:, :-1], rows[:, 1:]
@@ -377,8 +377,8 @@ def test_distill_recovers_a_bridged_student():
         return float(kd_loss(logits(student, x), logits(teacher, x), y, 2.0, 1.0))
 
     before = gap()
-    distill(hf.logits_only(teacher), hf.logits_only(student), data,
-            TrainConfig(steps=15, batch_size=16, lr=1e-3, warmup_steps=1, weight_decay=0.0, eval_every=0, eval_batches=1),
+    train_student(hf.logits_only(student), hf.logits_only(teacher), data,
+            cfg=TrainConfig(steps=15, batch_size=16, lr=1e-3, warmup_steps=1, weight_decay=0.0, eval_every=0, eval_batches=1),
             alpha=1.0, progress=False)
     assert gap() < 0.9 * before  # trained in place, towards the teacher
     assert hf.is_bridged(student) and all(type(l.experts) is Experts for l in moe_layers(student))

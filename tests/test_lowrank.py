@@ -59,7 +59,7 @@ def test_full_rank_is_exact_and_input_untouched(activation):
     before = {k: v.clone() for k, v in m.state_dict().items()}
     idx = torch.randint(0, 16, (3, 10))
     ref = m(idx)
-    c = lowrank_experts(m, rank=32)
+    c = lowrank_experts(m, keep=32)
     assert isinstance(c.moe.experts, LowRankExperts)
     assert c.moe.experts.num_experts == 4 and c.moe.experts.d_hidden == 48
     for s in STRATEGIES:
@@ -74,7 +74,7 @@ def test_full_rank_is_exact_and_input_untouched(activation):
 
 def test_low_rank_shrinks_and_reports_true_size():
     m = Tiny()
-    c = lowrank_experts(m, rank=4)
+    c = lowrank_experts(m, keep=4)
     e = c.moe.experts
     stored = sum(p.numel() for p in e.parameters())
     assert stored == 4 * 3 * 4 * (32 + 48)
@@ -89,11 +89,11 @@ def test_low_rank_shrinks_and_reports_true_size():
 
 def test_energy_ranks_per_matrix():
     m = Tiny()
-    c = lowrank_experts(m, energy=0.8)
+    c = lowrank_experts(m, keep=0.8)
     sv = singular_values(m)[0]
     for name, ranks in c.moe.experts.ranks.items():
         assert ranks == [rank_for_energy(sv[name][i], 0.8) for i in range(4)]
-    full = lowrank_experts(m, energy=1.0)
+    full = lowrank_experts(m, keep=1.0)
     idx = torch.randint(0, 16, (2, 6))
     assert torch.allclose(full(idx), m(idx), atol=1e-4)
 
@@ -101,24 +101,24 @@ def test_energy_ranks_per_matrix():
 def test_random_init_differs_svd_does_not():
     m = Tiny()
     idx = torch.randint(0, 16, (2, 6))
-    rnd = lowrank_experts(m, rank=32, init="random")
+    rnd = lowrank_experts(m, keep=32, init="random")
     assert not torch.allclose(rnd(idx), m(idx), atol=1e-2)
 
 
 def test_share_experts():
     m = Tiny()
     idx = torch.randint(0, 16, (2, 6))
-    c = share_experts(m, rank=32)
+    c = share_experts(m, keep=32)
     assert isinstance(c.moe.experts, SharedExperts)
     assert torch.allclose(c(idx), m(idx), atol=1e-4)  # full-rank deltas: exact
-    c0 = share_experts(m, rank=0, mode="first_layer")
+    c0 = share_experts(m, keep=0, mode="first_layer")
     e = c0.moe.experts
     w_in, w_gate, w_out = e.weights()
     assert torch.allclose(w_in[0], w_in[3]) and torch.allclose(w_gate[1], w_gate[2])
     assert torch.allclose(w_in[0], m.moe.experts.w_in.mean(0), atol=1e-6)
     assert torch.equal(w_out, m.moe.experts.w_out)
     assert size_report(c0).expert_params == 2 * 32 * 48 + 4 * 48 * 32
-    c4 = share_experts(m, rank=4)
+    c4 = share_experts(m, keep=4)
     assert size_report(c4).expert_params == 3 * (32 * 48 + 4 * 4 * (32 + 48))
     x = torch.randn(3, 32)
     assert torch.allclose(c4.moe.experts.forward_all(x)[2], c4.moe.experts[2](x), atol=1e-5)
@@ -126,29 +126,22 @@ def test_share_experts():
 
 def test_bad_arguments():
     m = Tiny()
-    with pytest.raises(ValueError, match="rank, energy"):
-        lowrank_experts(m)
-    with pytest.raises(ValueError, match="rank, energy"):
-        lowrank_experts(m, rank=2, energy=0.9)
-    for bad in (0, 33, 2.5):
-        with pytest.raises(ValueError, match="rank"):
-            lowrank_experts(m, rank=bad)
-    for bad in (0, 1.01):
-        with pytest.raises(ValueError, match="energy"):
-            lowrank_experts(m, energy=bad)
+    for bad in (0, 33, 0.0, 1.01, None, "8", True):   # a rank in [1, min(d, h)] or an energy in (0, 1]
+        with pytest.raises(ValueError, match="keep: expected a rank"):
+            lowrank_experts(m, bad)
     with pytest.raises(ValueError, match="model"):
-        lowrank_experts(nn.Linear(3, 3), rank=1)
+        lowrank_experts(nn.Linear(3, 3), keep=1)
     with pytest.raises(ValueError, match="model"):
-        share_experts(nn.Linear(3, 3), rank=1)
-    with pytest.raises(ValueError, match="rank"):
-        share_experts(m, rank=-1)
+        share_experts(nn.Linear(3, 3), keep=1)
+    with pytest.raises(ValueError, match="keep: expected a rank"):
+        share_experts(m, keep=-1)
     with pytest.raises(ValueError, match="mode"):
-        share_experts(m, rank=1, mode="second_layer")
+        share_experts(m, keep=1, mode="second_layer")
     with pytest.raises(ValueError, match="init"):
-        lowrank_experts(m, rank=1, init="zeros")
+        lowrank_experts(m, keep=1, init="zeros")
 
 
 def test_inplace():
     m = Tiny()
-    out = lowrank_experts(m, rank=2, inplace=True)
+    out = lowrank_experts(m, keep=2, inplace=True)
     assert out is m and isinstance(moe_layers(m)[0].experts, LowRankExperts)

@@ -59,7 +59,7 @@ def test_align_experts_keeps_function_and_input(calib):
     ref = copy.deepcopy(model.state_dict())
     x = torch.randn(10, 8)
     for c in (None, calib):
-        aligned = M.align_experts(model, c)
+        aligned = M.align_experts(model, calib=c)
         assert torch.allclose(aligned(x), model(x), atol=1e-5)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in ref.items())
 
@@ -67,16 +67,15 @@ def test_align_experts_keeps_function_and_input(calib):
 def test_identity_merge(calib):
     model = Tiny()
     x = torch.randn(10, 8)
-    merged = M.merge_experts(model, calib, 6, align=False)
+    merged = M.merge_experts(model, 6, calib=calib, align=False)
     assert torch.allclose(merged(x), model(x), atol=1e-5)
 
 
 def test_merge_shrinks_bytes_and_keeps_input(calib):
     model = Tiny()
     ref = copy.deepcopy(model.state_dict())
-    for fn in (lambda: M.merge_experts(model, calib, 3), lambda: M.merge_experts(model, calib, [2, 4], similarity="weights"),
-               lambda: M.hc_smoe(model, calib, 3), lambda: M.merge_experts(model, calib, 3, similarity="expert-outputs",
-                                                                             weighting="uniform")):
+    for fn in (lambda: M.merge_experts(model, 3, calib=calib), lambda: M.merge_experts(model, [2, 4], calib=calib, similarity="weights"),
+               lambda: M.hc_smoe(model, 3, calib=calib), lambda: M.merge_experts(model, 3, calib=calib, similarity="expert-outputs", weighting="uniform")):
         merged = fn()
         for layer in moe_layers(merged):
             assert layer.experts.num_experts in (2, 3, 4)
@@ -89,7 +88,7 @@ def test_merge_shrinks_bytes_and_keeps_input(calib):
 
 def test_merged_router_sums_gates_of_same_group(calib):
     model = Tiny(k=2)
-    merged = M.merge_experts(model, calib, 2)
+    merged = M.merge_experts(model, 2, calib=calib)
     layer, orig = moe_layers(merged)[0], moe_layers(model)[0]
     x = torch.randn(50, 8)
     r0, r = orig.router(x), layer.router(x)
@@ -114,12 +113,12 @@ def test_frequency_weighted_merge():
 
 def test_mc_smoe_smaller_and_exact_at_full(calib):
     model = Tiny()
-    merged = M.merge_experts(model, calib, 3)
-    mc = M.mc_smoe(model, calib, 3, rank=2, keep_sparse=0.1)
+    merged = M.merge_experts(model, 3, calib=calib)
+    mc = M.mc_smoe(model, 3, calib=calib, rank=2, keep_sparse=0.1)
     assert size_report(mc).expert_bytes < size_report(merged).expert_bytes
     assert size_report(mc).flops_per_token < size_report(merged).flops_per_token
     x = torch.randn(10, 8)
-    full = M.mc_smoe(model, calib, 3, rank=8, keep_sparse=0.0)   # rank = min(d, h): exact
+    full = M.mc_smoe(model, 3, calib=calib, rank=8, keep_sparse=0.0)   # rank = min(d, h): exact
     assert torch.allclose(full(x), merged(x), atol=1e-4)
     assert isinstance(moe_layers(mc)[0].experts, M.LowRankSparseExperts)
     assert moe_layers(mc)[0].experts.in_idx.dtype == torch.int32
@@ -133,33 +132,30 @@ def test_stable_rank():
 
 def test_bad_arguments(calib):
     model = Tiny()
-    with pytest.raises(ValueError, match="num_groups"):
-        M.merge_experts(model, calib, 0)
-    with pytest.raises(ValueError, match="num_groups"):
-        M.merge_experts(model, calib, 7)
-    with pytest.raises(ValueError, match="num_groups"):
-        M.merge_experts(model, calib, 1)          # < k = 2
-    with pytest.raises(ValueError, match="num_groups"):
-        M.merge_experts(model, calib, [3])
+    for bad in (0, 7, 1, 1.5, 0.1, [3], "3"):           # 1 < k = 2; 0.1 of 6 experts -> 1
+        with pytest.raises(ValueError, match="keep"):
+            M.merge_experts(model, bad, calib=calib)
+    half = M.merge_experts(model, 0.5, calib=calib)      # a fraction of the 6 experts
+    assert all(layer.experts.num_experts == 3 for layer in moe_layers(half))
     with pytest.raises(ValueError, match="calib"):
-        M.merge_experts(model, [], 3)
+        M.merge_experts(model, 3, calib=[])
     with pytest.raises(ValueError, match="calib"):
-        M.hc_smoe(model, None, 3)
+        M.hc_smoe(model, 3, calib=None)
     with pytest.raises(ValueError, match="model"):
-        M.merge_experts(nn.Linear(8, 8), calib, 3)
+        M.merge_experts(nn.Linear(8, 8), 3, calib=calib)
     with pytest.raises(ValueError, match="similarity"):
-        M.merge_experts(model, calib, 3, similarity="cosine")
+        M.merge_experts(model, 3, calib=calib, similarity="cosine")
     with pytest.raises(ValueError, match="weighting"):
-        M.merge_experts(model, calib, 3, weighting="fisher")
+        M.merge_experts(model, 3, calib=calib, weighting="fisher")
     with pytest.raises(ValueError, match="keep_sparse"):
-        M.mc_smoe(model, calib, 3, rank=2, keep_sparse=1.0)
+        M.mc_smoe(model, 3, calib=calib, rank=2, keep_sparse=1.0)
     with pytest.raises(ValueError, match="rank"):
-        M.mc_smoe(model, calib, 3, rank=0, keep_sparse=0.1)
+        M.mc_smoe(model, 3, calib=calib, rank=0, keep_sparse=0.1)
     with pytest.raises(ValueError, match="model"):
         M.align_experts(nn.Linear(8, 8))
 
 
 def test_already_compressed_rejected(calib):
-    merged = M.merge_experts(Tiny(), calib, 3)
+    merged = M.merge_experts(Tiny(), 3, calib=calib)
     with pytest.raises(TypeError, match="model"):
-        M.merge_experts(merged, calib, 2)
+        M.merge_experts(merged, 2, calib=calib)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from moe_course import metrics
+from moe_course import metrics, zoo
 from moe_course.layers import SoftMoE, SparseMoE, moe_layers
 
 V, D, H, E, K, L = 11, 16, 24, 8, 2, 2
@@ -297,7 +297,7 @@ def test_compare_columns_and_ratios(model):
 def test_compare_with_default_evaluate_on_zoo_models():
     models_mod = pytest.importorskip("moe_course.models")
     datasets = pytest.importorskip("datasets")
-    cfg, _ = models_mod.preset("test", "shakespeare-moe")
+    cfg, _ = zoo.preset_configs("test", "shakespeare-moe")
     torch.manual_seed(0)
     m = models_mod.model_from_config(cfg)
     ids = torch.randint(0, cfg.vocab_size, (6, cfg.context_length + 1))

@@ -13,8 +13,8 @@ from moe_course.models import (
     LMConfig,
     MoEClassifier,
     MoETransformerLM,
-    preset,
 )
+from moe_course.zoo import preset_configs as preset
 from moe_course.train import TrainConfig
 
 

@@ -345,11 +345,11 @@ def test_merging_with_unused_experts_is_finite(method):
     assert (freq[[3, 4, 5]] == 0).all() and freq.sum() == pytest.approx(1)
     # 4 groups from 3 used experts: a group made only of unused experts (frequency 0 everywhere)
     if method == "m-smoe":
-        merged = M.merge_experts(model, calib, 4)
+        merged = M.merge_experts(model, 4, calib=calib)
     elif method == "hc-smoe":
-        merged = M.hc_smoe(model, calib, 4)
+        merged = M.hc_smoe(model, 4, calib=calib)
     else:
-        merged = M.mc_smoe(model, calib, 4, rank=2, keep_sparse=0.1)
+        merged = M.mc_smoe(model, 4, calib=calib, rank=2, keep_sparse=0.1)
     for layer in moe_layers(merged):
         for w in layer.experts.weights():
             if w is not None:
@@ -359,7 +359,7 @@ def test_merging_with_unused_experts_is_finite(method):
 
     # without alignment the merge is checkable exactly: a group nobody uses gets the plain average,
     # a group with users the frequency-weighted average (its unused members weigh 0)
-    plain = M.merge_experts(model, calib, 4, align=False)
+    plain = M.merge_experts(model, 4, calib=calib, align=False)
     layer, src = moe_layers(plain)[0], moe_layers(model)[0]
     freq = M._frequencies(src, torch.cat(calib))
     assert any(all(m in (3, 4, 5) for m in members) for members in layer.merged_groups)
@@ -372,7 +372,7 @@ def test_merging_with_unused_experts_is_finite(method):
 
 def test_merged_router_with_huge_logits_is_finite():
     model = _model_with_unused_experts(unused=())
-    merged = M.merge_experts(model, [torch.randn(64, 8).abs()], 3)
+    merged = M.merge_experts(model, 3, calib=[torch.randn(64, 8).abs()])
     router = moe_layers(merged)[0].router
     r = router(torch.randn(16, 8) * 1e4)
     assert torch.isfinite(r.logits).all() and torch.isfinite(r.weights).all() and torch.isfinite(r.probs).all()
@@ -437,6 +437,6 @@ def test_lowrank_and_shared_experts_with_zero_and_identical_experts():
     with torch.no_grad():
         for layer in moe_layers(model):
             layer.experts.w_in[0] = 0.0
-    for out in (LR.lowrank_experts(model, energy=0.9), LR.lowrank_experts(model, rank=3),
-                LR.share_experts(model, rank=0)):
+    for out in (LR.lowrank_experts(model, keep=0.9), LR.lowrank_experts(model, keep=3),
+                LR.share_experts(model, keep=0)):
         assert torch.isfinite(out(torch.randn(5, 8))).all()

@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 
 from moe_course.compress.quantization import (
-    QuantizedExperts, dequantize_tensor, fake_quantize, mixed_precision_bits, pack_codes, quantize,
-    quantize_tensor, unpack_codes,
+    QuantizedEmbedding, QuantizedExperts, QuantizedLinear, dequantize_tensor, fake_quantize, mixed_precision_bits,
+    pack_codes, quantize, quantize_rest, quantize_tensor, unpack_codes,
 )
 from moe_course.dispatch import STRATEGIES
 from moe_course.layers import SparseMoE, moe_layers
@@ -146,6 +146,23 @@ def test_targets_all_shrinks_linear_and_embedding_but_not_router():
     assert not isinstance(q.proj.weight, nn.Parameter) and not isinstance(q.emb.weight, nn.Parameter)
     assert size_report(q).bytes < size_report(quantize(model, 4, group_size=16)).bytes
     assert (q(idx) - model(idx)).abs().max() < 0.2 * model(idx).abs().max()
+
+
+def test_quantize_and_quantize_rest_share_one_group_size_rule():
+    """A group size must divide the experts' widths (quantize raises); a non-expert layer whose input
+    width it does not divide gets one scale per row, in quantize(targets="all") and quantize_rest alike."""
+    model = TinyMoE()
+    model.odd = nn.Linear(24, 8)                      # 24 is not a multiple of 16
+    for q in (quantize(model, 4, group_size=16, targets="all", other_bits=8), quantize_rest(model, 8, group_size=16)):
+        assert isinstance(q.proj, QuantizedLinear) and q.proj.group_size == 16
+        assert isinstance(q.emb, QuantizedEmbedding) and q.emb.group_size == 16
+        assert isinstance(q.odd, QuantizedLinear) and q.odd.group_size is None
+        assert type(q.ffn.router.gate) is nn.Linear   # routers stay fp32 in both
+    a = quantize(model, 4, group_size=16, targets="all", other_bits=8)
+    b = quantize_rest(quantize(model, 4, group_size=16), 8, group_size=16)
+    assert torch.equal(a.proj.weight, b.proj.weight) and torch.equal(a.odd.weight, b.odd.weight)
+    with pytest.raises(ValueError, match="group_size: must divide"):
+        quantize(model, 4, group_size=24)
 
 
 def test_inplace_modifies_the_model():

@@ -11,9 +11,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from moe_course import metrics
+from moe_course import course_table as CT, metrics
+from moe_course.viz import plot_frontier
 from moe_course.compress import recipes as R
-from moe_course.compress.quantization import QuantizedExperts, QuantizedLinear, quantize
+from moe_course.compress.quantization import QuantizedExperts, QuantizedLinear, quantize, quantize_rest
 from moe_course.compress.trimming import drop_layers
 from moe_course.layers import moe_layers
 from moe_course.zoo import data, pretrained
@@ -35,7 +36,8 @@ def _same(model, state):
     return sd.keys() == state.keys() and all(torch.equal(sd[k], state[k]) for k in state)
 
 
-STEPS = [("drop_layers", {"n": 1}), ("quantize", {"bits": 4, "group_size": 32}),
+# the mnist1d-moe model has 3 MoE layers: keep 2 drops one
+STEPS = [("drop_layers", {"keep": 2}), ("quantize", {"bits": 4, "group_size": 32}),
          ("quantize_rest", {"bits": 8, "group_size": 32})]
 
 
@@ -57,7 +59,7 @@ def test_pipeline_sizes_shrink_and_input_untouched(setup):
 def test_pipeline_equals_manual_composition(setup):
     model, calib, val = setup
     res = R.pipeline(model, STEPS[:2], calib=calib)
-    manual = quantize(drop_layers(model, calib, 1), 4, group_size=32)
+    manual = quantize(drop_layers(model, keep=len(model.blocks) - 1, calib=calib), 4, group_size=32)
     x = val[:32]["x"]
     with torch.no_grad():
         assert torch.equal(res.model(x), manual(x))
@@ -98,8 +100,8 @@ def test_pipeline_records_quality_and_latency(setup):
     ([("quantize", {"bitz": 4})], ["quantize", "bitz", "bits"]),
     ([("quantize", {})], ["missing", "bits"]),
     ([("quantize", {"bits": 5})], ["bits", "(2, 3, 4, 8)"]),
-    ([("merge", {"num_groups": 0})], ["num_groups"]),
-    ([("lowrank", {"rank": 8}), ("merge", {"num_groups": 4})], ["steps[1]", "merge", "lowrank"]),
+    ([("merge", {"keep": 0})], ["keep"]),
+    ([("lowrank", {"keep": 8}), ("merge", {"keep": 4})], ["steps[1]", "merge", "lowrank"]),
     ([("quantize", {"bits": 4}), ("prune", {"keep": 4})], ["steps[1]", "prune", "quantize"]),
     ([("quantize", {"bits": 4, "inplace": False})], ["inplace"]),
     ([("quantize", "bits=4")], ["kwargs must be a dict"]),
@@ -121,7 +123,7 @@ def test_calib_required_early(setup):
     model, _, _ = setup
     calls = []
     with pytest.raises(ValueError, match="calib"):
-        R.pipeline(model, [lambda m: calls.append(1) or m, ("drop_layers", {"n": 1})])
+        R.pipeline(model, [lambda m: calls.append(1) or m, ("drop_layers", {"keep": 2})])
     assert not calls
 
 
@@ -134,10 +136,10 @@ def test_callable_must_return_module(setup):
 def test_distill_recovery_step_trains_student_only(setup):
     model, calib, val = setup
     state = _state(model)
-    res = R.pipeline(model, [("drop_layers", {"n": 1}), ("distill", {"steps": 2, "batch_size": 16})],
+    res = R.pipeline(model, [("drop_layers", {"keep": 2}), ("distill", {"steps": 2, "batch_size": 16})],
                      calib=calib, train_data=calib)
     assert _same(model, state)                              # the teacher (input) is untouched
-    before = R.pipeline(model, [("drop_layers", {"n": 1})], calib=calib).model.state_dict()
+    before = R.pipeline(model, [("drop_layers", {"keep": 2})], calib=calib).model.state_dict()
     after = res.model.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in after)   # the student moved
     assert res.rows[2]["step"] == "distill(2 steps)"
@@ -145,7 +147,7 @@ def test_distill_recovery_step_trains_student_only(setup):
 
 def test_quantize_rest_quantizes_only_the_rest(setup):
     model, _, val = setup
-    out = R.quantize_rest(model, 8, group_size=32)
+    out = quantize_rest(model, 8, group_size=32)
     assert isinstance(out.head, QuantizedLinear) if isinstance(getattr(model, "head", None), nn.Linear) else True
     for l0, l1 in zip(moe_layers(model), moe_layers(out)):
         assert type(l1.experts) is type(l0.experts) and type(l1.router.gate) is nn.Linear
@@ -154,7 +156,7 @@ def test_quantize_rest_quantizes_only_the_rest(setup):
     assert all(any(m is r for r in routers) for m in lin)   # every other Linear is quantized
     assert metrics.size_report(out).bytes < metrics.size_report(model).bytes
     with pytest.raises(ValueError, match="bits"):
-        R.quantize_rest(model, 5)
+        quantize_rest(model, 5)
 
 
 # ------------------------------------------------------------------------------- Pareto frontier
@@ -216,14 +218,14 @@ def test_pareto_edges():
 # ------------------------------------------------------------------------------- compression table
 def test_compression_table_rejects_unknown_model():
     with pytest.raises(ValueError, match="shakespeare-moe"):
-        R.compression_table("gpt-moe")
+        CT.compression_table("gpt-moe")
 
 
 def test_compression_table_quick_schema(tmp_path, single_thread):
-    rows = R.compression_table("mnist1d-moe", preset="test", cache_dir=tmp_path, quick=True)
+    rows = CT.compression_table("mnist1d-moe", preset="test", cache_dir=tmp_path, quick=True)
     assert len(rows) >= 5 and rows[0]["technique"].startswith("baseline")
     for r in rows:
-        assert set(r) == set(R.ROW_KEYS)
+        assert set(r) == set(CT.ROW_KEYS)
         assert isinstance(r["technique"], str) and isinstance(r["steps"], str)
         assert isinstance(r["bytes"], int) and r["bytes"] > 0
         assert r["ratio"] == pytest.approx(rows[0]["bytes"] / r["bytes"])
@@ -232,18 +234,18 @@ def test_compression_table_quick_schema(tmp_path, single_thread):
     assert rows[0]["ratio"] == 1.0
     by = {r["technique"]: r for r in rows}
     assert by["quantize experts"]["ratio"] > 2 and "->" in by["trim + quantize"]["steps"]
-    fig = R.plot_frontier(rows, x="latency_ms")
+    fig = plot_frontier(rows, x="latency_ms")
     assert fig.axes and fig.axes[0].get_xlabel().startswith("measured latency")
     with pytest.raises(ValueError, match="x"):
-        R.plot_frontier(rows, x="flops")
+        plot_frontier(rows, x="flops")
 
 
 def test_every_table_recipe_validates(setup):
     model, calib, _ = setup
-    recipes = R.table_recipes(model)
+    recipes = CT.table_recipes(model)
     names = [t for t, _ in recipes]
     assert names[0].startswith("baseline") and len(set(names)) == len(names)
-    assert {t for t, _ in R.table_recipes(model, quick=True)} < set(names)
+    assert {t for t, _ in CT.table_recipes(model, quick=True)} < set(names)
     for technique, steps in recipes:
         R._check_steps(steps, calib=calib, train_data=calib)      # raises on a bad name / keyword / order
     used = {s[0] for _, steps in recipes for s in steps}
@@ -252,9 +254,9 @@ def test_every_table_recipe_validates(setup):
 
 def test_share_rank_zero_allowed_but_negative_rank_rejected(setup):
     model, calib, _ = setup
-    R._check_steps([("share", {"rank": 0})], calib=None, train_data=None)
-    with pytest.raises(ValueError, match="rank must be >= 1"):
-        R._check_steps([("lowrank", {"rank": 0})], calib=None, train_data=None)
+    R._check_steps([("share", {"keep": 0})], calib=None, train_data=None)
+    with pytest.raises(ValueError, match="keep must be >= 1"):
+        R._check_steps([("lowrank", {"keep": 0})], calib=None, train_data=None)
 
 
 def test_plot_frontier_draws_the_frontier_and_clips_outliers():
@@ -266,7 +268,7 @@ def test_plot_frontier_draws_the_frontier_and_clips_outliers():
              "higher_is_better": False},
             {"technique": "bad", "bytes": 50, "quality": 50.0, "latency_ms": 9.0, "metric": "perplexity",
              "higher_is_better": False}]
-    fig = R.plot_frontier(rows, x="bytes")
+    fig = plot_frontier(rows, x="bytes")
     ax = fig.axes[0]
     step = ax.lines[0]
     assert list(step.get_xdata()) == [20.0, 100.0] and list(step.get_ydata()) == [5.1, 5.0]

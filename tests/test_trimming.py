@@ -44,7 +44,7 @@ def test_zero_ffn_layer_is_dropped_first(setup):
         moe_layers(m)[1].experts.w_out.zero_()  # this MoE layer outputs exactly zero
     sims = T.layer_similarities(m, calib)
     assert sims[1] == pytest.approx(1.0)
-    out = T.drop_layers(m, calib, 1)
+    out = T.drop_layers(m, keep=len(moe_layers(m)) - 1, calib=calib)
     assert out.dropped_layers == [1]
     assert isinstance(out.blocks[1].ffn, T.Skipped) and isinstance(out.blocks[1].ln_ffn, nn.Identity)
 
@@ -53,7 +53,7 @@ def test_drop_layers_shrinks_and_keeps_input(setup):
     model, calib = setup
     state = _state(model)
     before = metrics.size_report(model)
-    out = T.drop_layers(model, calib, 2)
+    out = T.drop_layers(model, keep=len(moe_layers(model)) - 2, calib=calib)
     assert _same(model, state)
     assert len(moe_layers(out)) == len(moe_layers(model)) - 2
     after = metrics.size_report(out)
@@ -64,9 +64,9 @@ def test_drop_blocks(setup):
     model, calib = setup
     state = _state(model)
     L = len(model.blocks)
-    out = T.drop_blocks(model, calib, 1)
+    out = T.drop_blocks(model, keep=L - 1, calib=calib)
     assert _same(model, state) and len(out.blocks) == L - 1 and len(model.blocks) == L
-    out2 = T.drop_blocks(model, calib, 2, contiguous=True)
+    out2 = T.drop_blocks(model, keep=L - 2, calib=calib, contiguous=True)
     assert len(out2.blocks) == L - 2
     b = out2.dropped_blocks
     assert b == list(range(b[0], b[0] + 2))
@@ -86,12 +86,12 @@ def test_drop_experts(setup):
     model, calib = setup
     state = _state(model)
     scores = T.expert_scores(model, calib)
-    out = T.drop_experts(model, calib, 4)
+    out = T.drop_experts(model, 4, calib=calib)
     assert _same(model, state)
     for layer, s in zip(moe_layers(out), scores):
         assert layer.num_experts == 4 and layer.router.gate.out_features == 4
         assert sorted(layer.pruned_experts) == sorted(s.argsort(descending=True)[:4].tolist())
-    g = T.drop_experts(model, calib, 12, scope="global")
+    g = T.drop_experts(model, 12, calib=calib, scope="global")
     assert sum(l.num_experts for l in moe_layers(g)) == 12
     assert all(l.num_experts >= l.k for l in moe_layers(g))
     assert metrics.size_report(out).bytes < metrics.size_report(model).bytes
@@ -107,25 +107,27 @@ def test_expert_scores_match_routing_stats(setup):
 def test_bad_arguments(setup):
     model, calib = setup
     L = len(model.blocks)
-    for bad in (-1, L, 1.5, True):
-        with pytest.raises(ValueError, match="n"):
-            T.drop_layers(model, calib, bad)
-        with pytest.raises(ValueError, match="n"):
-            T.drop_blocks(model, calib, bad)
+    for bad in (0, -1, L + 1, 1.5, 0.0, True, "2"):
+        with pytest.raises(ValueError, match="keep"):
+            T.drop_layers(model, bad, calib=calib)
+        with pytest.raises(ValueError, match="keep"):
+            T.drop_blocks(model, bad, calib=calib)
+    assert T.drop_layers(model, 1.0, calib=calib).dropped_layers == []          # a fraction: all of them kept
+    assert len(T.drop_blocks(model, 0.5, calib=calib).blocks) == round(0.5 * L)
     for bad in (0, 1, 9, 0.0, 1.5, "4"):
         with pytest.raises(ValueError, match="keep"):
-            T.drop_experts(model, calib, bad)
+            T.drop_experts(model, bad, calib=calib)
     with pytest.raises(ValueError, match="scope"):
-        T.drop_experts(model, calib, 4, scope="block")
-    for fn in (lambda c: T.drop_layers(model, c, 1), lambda c: T.drop_blocks(model, c, 1),
-               lambda c: T.drop_experts(model, c, 4)):
+        T.drop_experts(model, 4, calib=calib, scope="block")
+    for fn in (lambda c: T.drop_layers(model, 1, calib=c), lambda c: T.drop_blocks(model, 1, calib=c),
+               lambda c: T.drop_experts(model, 4, calib=c)):
         with pytest.raises(ValueError, match="calib"):
             fn([])
         with pytest.raises(ValueError, match="calib"):
             fn(None)
     dense = nn.Sequential(nn.Linear(4, 4))
-    for fn in (lambda: T.drop_layers(dense, calib, 1), lambda: T.drop_blocks(dense, calib, 1),
-               lambda: T.drop_experts(dense, calib, 4)):
+    for fn in (lambda: T.drop_layers(dense, 1, calib=calib), lambda: T.drop_blocks(dense, 1, calib=calib),
+               lambda: T.drop_experts(dense, 4, calib=calib)):
         with pytest.raises((ValueError, TypeError), match="MoE"):
             fn()
 
@@ -133,7 +135,7 @@ def test_bad_arguments(setup):
 def test_dropped_layer_equals_zero_output(setup):
     """A dropped MoE sub-layer computes exactly what a layer with zero output would, without running it."""
     model, calib = setup
-    out = T.drop_layers(model, calib, 1)
+    out = T.drop_layers(model, keep=len(moe_layers(model)) - 1, calib=calib)
     i = out.dropped_layers[0]
     ref = copy.deepcopy(model)
     with torch.no_grad():

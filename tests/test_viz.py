@@ -12,7 +12,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from moe_course import metrics, viz  # noqa: E402
+from moe_course import metrics, viz, zoo  # noqa: E402
 from moe_course.layers import SoftMoE, SparseMoE  # noqa: E402
 
 
@@ -69,8 +69,8 @@ def test_plot_architecture_returns_figure(make):
 
 def test_plot_architecture_real_models():
     models = pytest.importorskip("moe_course.models")
-    for name in models.MODEL_NAMES:
-        cfg, _ = models.preset("test", name)
+    for name in zoo.NAMES:
+        cfg, _ = zoo.preset_configs("test", name)
         fig = close(viz.plot_architecture(models.model_from_config(cfg)))
         assert len(fig.axes) == 2
         assert str(cfg.n_layers) in fig.axes[0].get_title()

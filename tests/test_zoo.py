@@ -134,15 +134,13 @@ def test_config_change_gives_a_new_entry(cache, monkeypatch):
     monkeypatch.setattr(zoo, "ZOO_VERSION", zoo.ZOO_VERSION + 1)
     assert zoo.entry_dir("mnist1d-moe", "test") != before
     monkeypatch.undo()
-    from moe_course import models
-
-    original = models.preset
+    original = zoo.preset_configs
 
     def changed(name="auto", model="shakespeare-moe"):
         cfg, train_cfg = original(name, model)
         return cfg.replace(k=1), train_cfg
 
-    monkeypatch.setattr(models, "preset", changed)
+    monkeypatch.setattr(zoo, "preset_configs", changed)
     assert zoo.entry_dir("mnist1d-moe", "test") != before
 
 

@@ -1,4 +1,4 @@
-"""Knowledge distillation of an MoE teacher into a smaller student (Hinton et al., 2015).
+"""Knowledge distillation of an MoE teacher into a smaller student (chapter 6; Hinton et al., 2015).
 
 The student matches the teacher's temperature-softened distribution as well as the labels:
 
@@ -10,7 +10,8 @@ Switch Transformers (Fedus et al., 2022, sec. 5) distil sparse teachers into den
 initialise the student's non-expert weights (embeddings, attention) from the teacher:
 :func:`init_from_teacher` does that where shapes match.
 
-:func:`distill` reuses :func:`moe_course.train.fit` unchanged: it wraps student and teacher in a
+:func:`train_student` is training, not a compression transform: it trains the student it is given
+(in place) and returns it. It reuses :func:`moe_course.train.fit` unchanged: it wraps student and teacher in a
 small module whose ``compute_loss`` is the KD loss plus the student's own aux losses. The teacher
 is *not* a submodule of the wrapper, so the optimizer never sees its parameters and ``fit``'s
 ``model.train()`` never switches it out of eval mode.
@@ -25,9 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_course.train import History, TrainConfig, fit
+from moe_course.models import model_from_config
+from moe_course.train import TrainConfig, fit
 
-__all__ = ["kd_loss", "soft_targets", "distill", "init_from_teacher", "make_student", "gain_preserved"]
+__all__ = ["kd_loss", "soft_targets", "train_student", "init_from_teacher", "make_student", "gain_preserved"]
 
 
 def _check_temperature(temperature: Any) -> float:
@@ -132,24 +134,29 @@ class _Distiller(nn.Module):
         return loss + aux, {"kd": float(loss.detach()), "ce": float(ce.detach()), "aux": float(aux.detach())}
 
 
-def distill(
-    teacher: nn.Module,
+def train_student(
     student: nn.Module,
+    teacher: nn.Module,
     data: Any,
+    *,
     cfg: TrainConfig | None = None,
     temperature: float = 2.0,
     alpha: float = 0.5,
     device: torch.device | str | None = None,
     progress: bool = True,
     val_data: Any = None,
-) -> History:
-    """Train ``student`` (in place) to match ``teacher`` with :func:`kd_loss`; return the :class:`History`.
+) -> nn.Module:
+    """Knowledge distillation is training: TRAIN ``student`` in place to match ``teacher`` with
+    :func:`kd_loss`, and return it (the same object, trained; ``student.kd_history`` holds the
+    :class:`~moe_course.train.History`).
 
-    ``data`` is a training ``Dataset`` or a dict with ``"train"`` (and optionally ``"validation"``, used
-    for evaluation unless ``val_data`` is given), e.g. ``moe_course.zoo.data(name)``. The teacher is
-    frozen in eval mode (no gradients, no dropout, its mode restored afterwards); the student's
-    router aux losses are added with its config's weights. Optimisation is :func:`moe_course.train.fit`'s
-    (AdamW, warmup + cosine, gradient clipping, progress bar).
+    Unlike the compression transforms it does not copy: make the student first (:func:`make_student`,
+    or a compressed copy of the teacher to recover). ``data`` is a training ``Dataset`` or a dict
+    with ``"train"`` (and optionally ``"validation"``, used for evaluation unless ``val_data`` is
+    given), e.g. ``moe_course.zoo.data(name)``. The teacher is frozen in eval mode (no gradients, no
+    dropout, its mode restored afterwards); the student's router aux losses are added with its
+    config's weights. Optimisation is :func:`moe_course.train.fit`'s (AdamW, warmup + cosine,
+    gradient clipping, progress bar); the student ends in the train/eval mode it started in.
     """
     _check_temperature(temperature)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
@@ -177,8 +184,9 @@ def distill(
     teacher_grad = [p.requires_grad for p in teacher.parameters()]
     teacher.to(dev).eval().requires_grad_(False)
     try:
-        return fit(_Distiller(teacher, student, float(temperature), float(alpha)), train, val, cfg=cfg,
-                   progress=progress)
+        student.kd_history = fit(_Distiller(teacher, student, float(temperature), float(alpha)), train, val, cfg=cfg,
+                                 progress=progress)
+        return student
     finally:
         teacher.train(teacher_was_training)
         for p, g in zip(teacher.parameters(), teacher_grad):
@@ -192,8 +200,6 @@ def make_student(teacher: nn.Module, **changes: Any) -> nn.Module:
     experts) or ``make_student(t, ffn="dense", d_hidden=t.config.k * t.config.d_hidden)`` (a dense
     model with the teacher's active FFN parameters per token). The LM's tokenizer is carried over.
     """
-    from moe_course.models import model_from_config
-
     cfg = getattr(teacher, "config", None)
     if cfg is None or not hasattr(cfg, "replace"):
         raise TypeError(f"teacher must be a course model with a .config, got {type(teacher).__name__}")

@@ -38,8 +38,8 @@ import torch.nn as nn
 from moe_course import _validate
 from moe_course.layers import CompressedExperts, Experts, moe_layers, require_moe_layers
 
-__all__ = ["truncated_svd", "rank_for_energy", "LowRankExperts", "SharedExperts", "lowrank_experts",
-           "share_experts", "singular_values"]
+__all__ = ["truncated_svd", "rank_for_energy", "FactoredExperts", "LowRankExperts", "SharedExperts", "lowrank_experts",
+           "share_experts", "singular_values", "expert_matrices"]
 
 SHARE_MODES = ("all", "first_layer")
 
@@ -48,7 +48,8 @@ def _names(experts: Experts) -> tuple[str, ...]:
     return ("in", "gate", "out") if experts.w_gate is not None else ("in", "out")
 
 
-def _stacks(experts: Experts) -> dict[str, torch.Tensor]:
+def expert_matrices(experts: Experts) -> dict[str, torch.Tensor]:
+    """``{"in": w_in, "gate": w_gate or None, "out": w_out}``: the stacked matrices as float32."""
     w_in, w_gate, w_out = experts.weights(torch.float32)
     return {"in": w_in, "gate": w_gate, "out": w_out}
 
@@ -108,7 +109,7 @@ def singular_values(model: nn.Module) -> list[dict[str, torch.Tensor]]:
     layers = require_moe_layers(model, "factorize")
     out = []
     for layer in layers:
-        stacks = _stacks(layer.experts)
+        stacks = expert_matrices(layer.experts)
         out.append({n: torch.linalg.svdvals(stacks[n].detach().double()).float() for n in _names(layer.experts)})
     return out
 
@@ -121,7 +122,7 @@ def _check_energy(energy) -> None:
 # --------------------------------------------------------------------------------------------
 # factored experts
 # --------------------------------------------------------------------------------------------
-class _FactoredBase(CompressedExperts):
+class FactoredExperts(CompressedExperts):
     """Common sizes and forward passes of experts whose matrices are built from smaller tensors."""
 
     def _init_sizes(self, experts: Experts) -> None:
@@ -168,7 +169,7 @@ class _FactoredBase(CompressedExperts):
         return self.weights()[2]
 
 
-class LowRankExperts(_FactoredBase):
+class LowRankExperts(FactoredExperts):
     r"""Experts whose matrices are stored as factors ``W_name[i] = L_name[i] @ R_name[i]``.
 
     ``ranks``: one int (all matrices) or a dict ``{"in"|"gate"|"out": [r_0, ..., r_{E-1}]}`` (one rank
@@ -191,7 +192,7 @@ class LowRankExperts(_FactoredBase):
             raise ValueError(f"ranks: expected an int or a dict with keys {self._names}, got {got}")
         self.ranks = {n: [int(r) for r in ranks[n]] for n in self._names}
         with torch.no_grad():
-            stacks = _stacks(experts)
+            stacks = expert_matrices(experts)
             for name in self._names:
                 w = stacks[name].detach()
                 m, n = w.shape[1:]
@@ -222,7 +223,7 @@ class LowRankExperts(_FactoredBase):
         return f"{super().extra_repr()}, ranks={ranks}"
 
 
-class SharedExperts(_FactoredBase):
+class SharedExperts(FactoredExperts):
     r"""Weight sharing: ``W_name[i] = B_name + L_name[i] @ R_name[i]`` for the shared projections.
 
     ``B`` is the mean of the experts' trained matrices (stored once per layer), the deltas are the
@@ -240,7 +241,7 @@ class SharedExperts(_FactoredBase):
         self.rank = rank
         self.shared = tuple(n for n in self._names if n in shared)
         with torch.no_grad():
-            stacks = _stacks(experts)
+            stacks = expert_matrices(experts)
             for name in self._names:
                 w = stacks[name].detach()
                 if name not in self.shared:
@@ -274,48 +275,45 @@ class SharedExperts(_FactoredBase):
 # --------------------------------------------------------------------------------------------
 # model-level functions
 # --------------------------------------------------------------------------------------------
-def lowrank_experts(model: nn.Module, rank: int | None = None, energy: float | None = None,
-                    inplace: bool = False, init: str = "svd", seed: int = 0) -> nn.Module:
+def lowrank_experts(model: nn.Module, keep: int | float, *, init: str = "svd", seed: int = 0,
+                    inplace: bool = False) -> nn.Module:
     """Replace every MoE layer's experts by :class:`LowRankExperts` (truncated SVD of trained weights).
 
-    Give exactly one of ``rank`` (the same rank for every expert matrix, ``1 <= rank <= min(m, n)``)
-    or ``energy`` in (0, 1] (per matrix, the smallest rank keeping that fraction of
-    :math:`\\sum \\sigma^2`). ``init="random"`` builds the same shapes from random factors (the
-    slide deck's ``LowRankExpert``; for comparison only). Returns a new model unless ``inplace``.
+    ``keep``: the singular values kept per expert matrix, an int rank (``1 <= keep <= min(m, n)``,
+    the same for every matrix) or a fraction in (0, 1] of the spectral energy (per matrix, the
+    smallest rank keeping that fraction of :math:`\\sum \\sigma^2`). ``init="random"`` builds the same
+    shapes from random factors (the slide deck's ``LowRankExpert``; for comparison only). Returns a
+    new model unless ``inplace``.
     """
     layers = require_moe_layers(model, "factorize")
-    if (rank is None) == (energy is None):
-        raise ValueError("rank, energy: give exactly one of rank (an int) or energy (a number in (0, 1])")
     if init not in ("svd", "random"):
         raise ValueError(f"init: expected 'svd' or 'random', got {init!r}")
     _validate.dense_experts(layers, "lowrank_experts")
     _validate.finite_model(model)
-    if rank is not None:
-        limit = min(min(l.experts.d_model, l.experts.d_hidden) for l in layers)
-        if not _is_rank(rank) or not 1 <= rank <= limit:
-            raise ValueError(f"rank: expected an integer in [1, min(d_model, d_hidden) = {limit}], got {rank!r}")
-    else:
-        _check_energy(energy)
+    limit = min(min(l.experts.d_model, l.experts.d_hidden) for l in layers)
+    if not (_is_rank(keep) and 1 <= keep <= limit) and not (isinstance(keep, float) and 0 < keep <= 1):
+        raise ValueError(f"keep: expected a rank in [1, min(d_model, d_hidden) = {limit}] (an int) or a fraction "
+                         f"of the energy in (0, 1], got {keep!r}")
     out = model if inplace else copy.deepcopy(model)
     gen = torch.Generator().manual_seed(seed)
     for layer in moe_layers(out):
         ex = layer.experts
-        if rank is not None:
-            ranks = rank
+        if _is_rank(keep):
+            ranks = keep
         else:
-            sv = {n: torch.linalg.svdvals(w.detach().double()) for n, w in _stacks(ex).items() if w is not None}
-            ranks = {n: [rank_for_energy(s[i], energy) for i in range(ex.num_experts)] for n, s in sv.items()}
+            sv = {n: torch.linalg.svdvals(w.detach().double()) for n, w in expert_matrices(ex).items() if w is not None}
+            ranks = {n: [rank_for_energy(s[i], keep) for i in range(ex.num_experts)] for n, s in sv.items()}
         layer.experts = LowRankExperts(ex, ranks, init=init, generator=gen)
     return out
 
 
-def share_experts(model: nn.Module, rank: int, inplace: bool = False, mode: str = "all") -> nn.Module:
-    """Weight sharing: per layer a shared base (mean of the experts) plus per-expert rank-``rank`` deltas.
+def share_experts(model: nn.Module, keep: int, *, mode: str = "all", inplace: bool = False) -> nn.Module:
+    """Weight sharing: per layer a shared base (mean of the experts) plus per-expert deltas that keep
+    ``keep`` singular values (their rank, ``0 <= keep <= min(d_model, d_hidden)``).
 
     ``mode="all"`` shares every projection; ``mode="first_layer"`` shares only ``w_in`` (and
-    ``w_gate``) and keeps each expert's ``w_out``; with ``rank=0`` that is the slide deck's MoE
-    whose experts share their first layer. ``0 <= rank <= min(d_model, d_hidden)``.
-    Returns a new model unless ``inplace``.
+    ``w_gate``) and keeps each expert's ``w_out``; with ``keep=0`` that is the slide deck's MoE
+    whose experts share their first layer. Returns a new model unless ``inplace``.
     """
     layers = require_moe_layers(model, "factorize")
     if mode not in SHARE_MODES:
@@ -323,10 +321,10 @@ def share_experts(model: nn.Module, rank: int, inplace: bool = False, mode: str 
     _validate.dense_experts(layers, "share_experts")
     _validate.finite_model(model)
     limit = min(min(l.experts.d_model, l.experts.d_hidden) for l in layers)
-    if not _is_rank(rank) or not 0 <= rank <= limit:
-        raise ValueError(f"rank: expected an integer in [0, min(d_model, d_hidden) = {limit}], got {rank!r}")
+    if not _is_rank(keep) or not 0 <= keep <= limit:
+        raise ValueError(f"keep: expected a rank in [0, min(d_model, d_hidden) = {limit}] (an int), got {keep!r}")
     shared = ("in", "gate", "out") if mode == "all" else ("in", "gate")
     out = model if inplace else copy.deepcopy(model)
     for layer in moe_layers(out):
-        layer.experts = SharedExperts(layer.experts, rank, shared)
+        layer.experts = SharedExperts(layer.experts, keep, shared)
     return out

@@ -31,9 +31,9 @@ from scipy.cluster.hierarchy import cut_tree, linkage
 from scipy.optimize import linear_sum_assignment
 
 from .. import _validate
+from ..calib import layer_inputs
 from ..layers import Experts, RouterOutput, SparseMoE, TopKRouter, moe_layers, require_moe_layers
-from .lowrank import _FactoredBase, _stacks, truncated_svd
-from .pruning import _calib_batches, _layer_inputs
+from .lowrank import FactoredExperts, expert_matrices, truncated_svd
 
 __all__ = ["SIMILARITIES", "WEIGHTINGS", "match_neurons", "permute_expert", "align_experts",
            "frequency_weighted_merge", "expert_similarity", "MergedRouter", "merge_experts", "hc_smoe",
@@ -115,7 +115,7 @@ def _frequencies(layer, x: torch.Tensor) -> torch.Tensor:
     return torch.bincount(idx.reshape(-1), minlength=layer.num_experts).double() / idx.numel()
 
 
-def align_experts(model: nn.Module, calib: Any = None, inplace: bool = False) -> nn.Module:
+def align_experts(model: nn.Module, *, calib: Any = None, inplace: bool = False) -> nn.Module:
     """Permute every expert's hidden neurons to match a reference expert of its layer (weight matching).
 
     The reference is the layer's most frequent expert on ``calib`` (or expert 0 without calibration
@@ -124,7 +124,7 @@ def align_experts(model: nn.Module, calib: Any = None, inplace: bool = False) ->
     layers = _check_layers(model, "align")
     refs = [0] * len(layers)
     if calib is not None:
-        xs = _layer_inputs(model, _calib_batches(calib))
+        xs = layer_inputs(model, calib)
         with torch.no_grad():
             refs = [int(_frequencies(layer, x).argmax()) for layer, x in zip(layers, xs)]
     model = model if inplace else copy.deepcopy(model)
@@ -223,20 +223,6 @@ class MergedRouter(TopKRouter):
         return f"{super().extra_repr()}, slot_to_group={self.slot_to_group.tolist()}"
 
 
-def _resolve_groups(num_groups: Any, layers: list) -> list[int]:
-    if isinstance(num_groups, (list, tuple)):
-        if len(num_groups) != len(layers):
-            raise ValueError(f"num_groups: expected one count per MoE layer ({len(layers)}), got {len(num_groups)}")
-        counts = list(num_groups)
-    else:
-        counts = [num_groups] * len(layers)
-    for g, layer in zip(counts, layers):
-        if isinstance(g, bool) or not isinstance(g, int) or not layer.k <= g <= layer.num_experts:
-            raise ValueError(f"num_groups: expected an integer between k={layer.k} and num_experts="
-                             f"{layer.num_experts}, got {g!r}")
-    return counts
-
-
 def _merge_layer(layer, labels: list[int], freq: torch.Tensor, align: bool, weighting: str) -> None:
     """Replace ``layer.experts`` by one merged expert per group and the router by a :class:`MergedRouter`."""
     old = layer.experts
@@ -271,27 +257,28 @@ def _merge_layer(layer, labels: list[int], freq: torch.Tensor, align: bool, weig
     layer.merged_groups = members
 
 
-def _prepare(model, calib, num_groups, action):
+def _prepare(model, calib, keep, action):
     layers = _check_layers(model, action)
-    counts = _resolve_groups(num_groups, layers)
-    xs = _layer_inputs(model, _calib_batches(calib))
+    counts = _validate.keep_per_layer(keep, layers, "merged experts per layer")
+    xs = layer_inputs(model, calib)
     return layers, counts, xs
 
 
-def merge_experts(model: nn.Module, calib: Any, num_groups, align: bool = True, similarity: str = "router-logits",
-                  weighting: str = "frequency", inplace: bool = False) -> nn.Module:
-    """M-SMoE (Li et al., 2024): merge each layer's experts into ``num_groups`` (int, or one per layer).
+def merge_experts(model: nn.Module, keep: int | float | list, *, calib: Any = None, align: bool = True,
+                  similarity: str = "router-logits", weighting: str = "frequency", inplace: bool = False) -> nn.Module:
+    """M-SMoE (Li et al., 2024): merge each layer's experts into ``keep`` groups (an int, a fraction
+    of ``E``, or one value per layer; at least ``k``).
 
-    Dominant experts = the ``num_groups`` most frequent on ``calib`` (training split); every other
+    Dominant experts = the ``keep`` most frequent on ``calib`` (training split); every other
     expert joins its most similar dominant expert (``similarity``); each group is aligned to its
     dominant expert (``align``) and averaged with ``weighting="frequency"`` or ``"uniform"`` weights.
-    The merged layer stores ``num_groups`` experts (``layer.merged_groups`` lists the members).
+    The merged layer stores ``keep`` experts (``layer.merged_groups`` lists the members).
     """
     if similarity not in SIMILARITIES:
         raise ValueError(f"similarity: expected one of {SIMILARITIES}, got {similarity!r}")
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting: expected one of {WEIGHTINGS}, got {weighting!r}")
-    layers, counts, xs = _prepare(model, calib, num_groups, "merge")
+    layers, counts, xs = _prepare(model, calib, keep, "merge")
     plans = []
     with torch.no_grad():
         for layer, g, x in zip(layers, counts, xs):
@@ -311,11 +298,13 @@ def merge_experts(model: nn.Module, calib: Any, num_groups, align: bool = True, 
     return model
 
 
-def hc_smoe(model: nn.Module, calib: Any, num_groups, align: bool = False, inplace: bool = False) -> nn.Module:
+def hc_smoe(model: nn.Module, keep: int | float | list, *, calib: Any = None, align: bool = False,
+            inplace: bool = False) -> nn.Module:
     """HC-SMoE (Chen et al., 2025): average-linkage hierarchical clustering of the experts' mean outputs
-    on ALL calibration tokens (Euclidean distance), then frequency-weighted merging of each cluster
-    (no alignment by default, as in the paper)."""
-    layers, counts, xs = _prepare(model, calib, num_groups, "merge")
+    on ALL calibration tokens (Euclidean distance) into ``keep`` clusters per layer (as for
+    :func:`merge_experts`), then frequency-weighted merging of each cluster (no alignment by
+    default, as in the paper)."""
+    layers, counts, xs = _prepare(model, calib, keep, "merge")
     plans = []
     with torch.no_grad():
         for layer, g, x in zip(layers, counts, xs):
@@ -350,14 +339,14 @@ def expert_stable_ranks(model: nn.Module, name: str = "in") -> list[torch.Tensor
         raise ValueError(f"name: expected one of ('in', 'gate', 'out'), got {name!r}")
     out = []
     for layer in layers:
-        w = _stacks(layer.experts)[name]
+        w = expert_matrices(layer.experts)[name]
         if w is None:
             raise ValueError(f"name: the experts have no '{name}' matrix")
         out.append(stable_rank(w))
     return out
 
 
-class LowRankSparseExperts(_FactoredBase):
+class LowRankSparseExperts(FactoredExperts):
     r"""Experts stored as ``W = L R + S``: a truncated SVD of rank ``rank`` plus a sparse residual.
 
     ``S`` keeps the ``keep_sparse`` fraction of largest-magnitude entries of ``W - L R`` per matrix,
@@ -372,7 +361,7 @@ class LowRankSparseExperts(_FactoredBase):
             raise ValueError(f"keep_sparse: expected a number in [0, 1), got {keep_sparse!r}")
         self.rank, self.keep_sparse = rank, float(keep_sparse)
         with torch.no_grad():
-            for name, w in _stacks(experts).items():
+            for name, w in expert_matrices(experts).items():
                 if name not in self._names:
                     continue
                 w = w.detach()
@@ -402,17 +391,18 @@ class LowRankSparseExperts(_FactoredBase):
         return f"{super().extra_repr()}, rank={self.rank}, keep_sparse={self.keep_sparse}"
 
 
-def mc_smoe(model: nn.Module, calib: Any, num_groups, rank: int, keep_sparse: float, inplace: bool = False,
-            **merge_kwargs) -> nn.Module:
-    """MC-SMoE (Li et al., 2024): :func:`merge_experts`, then every merged expert matrix becomes a
-    rank-``rank`` truncated SVD plus a sparse residual keeping ``keep_sparse`` of its entries."""
+def mc_smoe(model: nn.Module, keep: int | float | list, *, calib: Any = None, rank: int, keep_sparse: float,
+            inplace: bool = False, **merge_options) -> nn.Module:
+    """MC-SMoE (Li et al., 2024): :func:`merge_experts` into ``keep`` experts per layer, then every
+    merged expert matrix becomes a rank-``rank`` truncated SVD plus a sparse residual keeping
+    ``keep_sparse`` of its entries (``merge_options`` go to :func:`merge_experts`)."""
     layers = _check_layers(model, "merge")
     if isinstance(keep_sparse, bool) or not isinstance(keep_sparse, (int, float)) or not 0 <= keep_sparse < 1:
         raise ValueError(f"keep_sparse: expected a number in [0, 1), got {keep_sparse!r}")
     lim = min(layers[0].experts.d_model, layers[0].experts.d_hidden)
     if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= lim:
         raise ValueError(f"rank: expected an integer in [1, {lim}], got {rank!r}")
-    merged = merge_experts(model, calib, num_groups, inplace=inplace, **merge_kwargs)
+    merged = merge_experts(model, keep, calib=calib, inplace=inplace, **merge_options)
     for layer in moe_layers(merged):
         layer.experts = LowRankSparseExperts(layer.experts, rank, keep_sparse)
     return merged

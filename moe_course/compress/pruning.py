@@ -1,4 +1,5 @@
-"""Pruning a trained MoE: magnitude pruning, expert pruning (frequency, NAEE), dynamic skipping.
+"""Pruning a trained MoE (chapter 4): magnitude pruning, expert pruning (frequency, NAEE), dynamic
+skipping.
 
 * :func:`prune_magnitude` zeroes the smallest expert weights (the slide deck's technique), globally
   or per layer. Zeros inside dense tensors save no bytes and no time; :func:`csr_bytes` says what
@@ -11,7 +12,8 @@
   expert's gate weight is below ``beta`` times the first one's, with ``beta`` the median ratio on
   calibration data; skipped assignments are excluded from dispatch, so they cost no compute.
 
-Every function returns a new model (deep copy) unless ``inplace=True``.
+Every transform follows :mod:`moe_course.compress`'s convention ``f(model, keep, *, calib=None,
+inplace=False, **options)`` and returns a new model (deep copy) unless ``inplace=True``.
 """
 
 from __future__ import annotations
@@ -25,12 +27,12 @@ import torch
 import torch.nn as nn
 
 from .. import _validate
+from ..calib import layer_inputs
 from ..layers import Experts, RouterOutput, SparseMoE, TopKRouter, moe_layers, require_moe_layers
-from ..metrics import _forward, _iter_batches
 
 __all__ = [
     "magnitude_mask", "prune_magnitude", "csr_bytes", "sparsity_report",
-    "restrict_router", "layer_inputs", "expert_frequencies", "naee_select", "prune_experts",
+    "restrict_router", "expert_frequencies", "naee_select", "keep_experts", "prune_experts",
     "SkippingRouter", "skip_experts", "skip_fraction",
 ]
 
@@ -46,15 +48,6 @@ def _check_ratio(name: str, value: Any) -> float:
     return float(value)
 
 
-def _calib_batches(calib: Any, batch_size: int = 64) -> list:
-    """Calibration batches, checked: not None, not empty, tokens in every batch, finite features."""
-    return _validate.calib_batches(calib, batch_size)
-
-
-def _out(model: nn.Module, inplace: bool) -> nn.Module:
-    return model if inplace else copy.deepcopy(model)
-
-
 # -------------------------------------------------------------------------- magnitude pruning
 def magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Bool mask (``True`` = keep) zeroing the ``round(sparsity * numel)`` smallest ``|weight|``."""
@@ -62,7 +55,12 @@ def magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
         raise TypeError(f"weight: expected a torch.Tensor, got {type(weight).__name__}")
     sparsity = _check_ratio("sparsity", sparsity)
     _validate.finite("weight", weight)  # NaN sorts as the largest magnitude: it would survive pruning
-    n_prune = int(round(sparsity * weight.numel()))
+    return _largest(weight, weight.numel() - int(round(sparsity * weight.numel())))
+
+
+def _largest(weight: torch.Tensor, n_keep: int) -> torch.Tensor:
+    """Bool mask of the ``n_keep`` largest ``|weight|`` (ties: the later index is pruned first)."""
+    n_prune = weight.numel() - n_keep
     mask = torch.ones(weight.numel(), dtype=torch.bool, device=weight.device)
     if n_prune:
         mask[weight.detach().abs().reshape(-1).argsort()[:n_prune]] = False
@@ -74,35 +72,36 @@ def _expert_params(layer) -> list[nn.Parameter]:
     return [w for w in (e.w_in, e.w_gate, e.w_out) if w is not None]
 
 
-def prune_magnitude(model: nn.Module, sparsity: float, scope: str = "global", inplace: bool = False) -> nn.Module:
-    """Zero the smallest-magnitude expert weights to a target ``sparsity`` (Han et al. 2015 style).
+def _weight_groups(layers: list, scope: str) -> list[list[nn.Parameter]]:
+    """The expert weights pruned together: all layers' at once (``"global"``) or layer by layer."""
+    if scope == "global":
+        return [[p for layer in layers for p in _expert_params(layer)]]
+    return [_expert_params(layer) for layer in layers]
 
-    ``scope="global"``: one threshold over the experts of every MoE layer (layers with smaller
-    weights lose more); ``"layer"``: the same fraction in every MoE layer. The tensors stay dense
-    and the same size: see :func:`sparsity_report` for what the zeros would save in CSR.
+
+def prune_magnitude(model: nn.Module, keep: float, *, scope: str = "global", inplace: bool = False) -> nn.Module:
+    """Zero the smallest-magnitude expert weights, keeping ``keep`` of them (Han et al. 2015 style).
+
+    ``keep``: the fraction of expert weights kept, in (0, 1] (an int: the number kept), so the
+    sparsity is ``1 - keep``. ``scope="global"``: one threshold over the experts of every MoE layer
+    (layers with smaller weights lose more); ``"layer"``: the same fraction in every MoE layer. The
+    tensors stay dense and the same size: see :func:`sparsity_report` for what the zeros would save
+    in CSR.
     """
-    sparsity = _check_ratio("sparsity", sparsity)
     if scope not in SCOPES:
         raise ValueError(f"scope: expected one of {SCOPES}, got {scope!r}")
+    layers = require_moe_layers(model, "prune")
     # Packed or factored experts expose w_in/w_out as computed tensors: zeroing them would change nothing.
-    _validate.dense_experts(require_moe_layers(model, "prune"), "prune_magnitude")
+    _validate.dense_experts(layers, "prune_magnitude")
+    counts = [_validate.keep_count(keep, sum(p.numel() for p in g), 1, "expert weights")
+              for g in _weight_groups(layers, scope)]
     _validate.finite_model(model)
-    model = _out(model, inplace)
-    layers = moe_layers(model)
+    model = model if inplace else copy.deepcopy(model)
     with torch.no_grad():
-        if scope == "global":
-            params = [p for layer in layers for p in _expert_params(layer)]
-            flat = torch.cat([p.reshape(-1) for p in params])
-            mask = magnitude_mask(flat, sparsity)
+        for params, n_keep in zip(_weight_groups(moe_layers(model), scope), counts):
+            mask = _largest(torch.cat([p.reshape(-1) for p in params]), n_keep)
             for p, m in zip(params, mask.split([p.numel() for p in params])):
                 p.mul_(m.view(p.shape))
-        else:
-            for layer in layers:
-                params = _expert_params(layer)
-                flat = torch.cat([p.reshape(-1) for p in params])
-                mask = magnitude_mask(flat, sparsity)
-                for p, m in zip(params, mask.split([p.numel() for p in params])):
-                    p.mul_(m.view(p.shape))
     return model
 
 
@@ -164,37 +163,10 @@ def restrict_router(logits: torch.Tensor, kept, k: int, renormalize: bool = True
 
 
 @torch.no_grad()
-def _layer_inputs(model: nn.Module, batches: list) -> list[torch.Tensor]:
-    """Input tokens ``[T, d]`` of every MoE layer on the calibration batches (original model)."""
-    layers = moe_layers(model)
-    _validate.token_ids_in_vocab(model, batches)
-    store = [[] for _ in layers]
-    hooks = [layer.register_forward_pre_hook(lambda m, a, i=i: store[i].append(a[0].reshape(-1, a[0].shape[-1])))
-             for i, layer in enumerate(layers)]
-    training = model.training
-    model.eval()
-    try:
-        device = next(model.parameters()).device
-        for b in batches:
-            _forward(model, {k: torch.as_tensor(v).to(device) for k, v in b.items()} if isinstance(b, dict) else b.to(device))
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(training)
-    return [torch.cat(s) for s in store]
-
-
-def layer_inputs(model: nn.Module, calib: Any) -> list[torch.Tensor]:
-    """Per MoE layer of ``model``, its input tokens ``[T, d_model]`` on the calibration data."""
-    require_moe_layers(model, "prune")
-    return _layer_inputs(model, _calib_batches(calib))
-
-
-@torch.no_grad()
 def expert_frequencies(model: nn.Module, calib: Any) -> list[torch.Tensor]:
     """Per MoE layer, the fraction of top-k assignments each expert receives on ``calib``."""
     layers = require_moe_layers(model, "prune")
-    xs = _layer_inputs(model, _calib_batches(calib))
+    xs = layer_inputs(model, calib)
     out = []
     for layer, x in zip(layers, xs):
         idx = layer.router(x).indices
@@ -242,19 +214,7 @@ def naee_select(layer, x: torch.Tensor, keep: int, max_subsets: int = MAX_SUBSET
     return sorted(kept), "greedy"
 
 
-def _resolve_keep(keep: Any, layer) -> int:
-    E, k = layer.num_experts, layer.k
-    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
-        raise ValueError(f"keep: expected an int number of experts or a fraction in (0, 1], got {keep!r}")
-    n = keep if isinstance(keep, int) else (round(keep * E) if 0 < keep <= 1 else -1)
-    if isinstance(keep, float) and n == -1:
-        raise ValueError(f"keep: a fraction must be in (0, 1], got {keep!r}")
-    if not k <= n <= E:
-        raise ValueError(f"keep: expected between k={k} and num_experts={E} experts per layer, got {keep!r} -> {n}")
-    return n
-
-
-def _shrink(layer, kept: list[int]) -> None:
+def keep_experts(layer, kept: list[int]) -> None:
     """Replace ``layer.experts`` and the router rows by the kept experts only (physical removal)."""
     idx = torch.tensor(kept, dtype=torch.long, device=layer.experts.w_in.device)
     old = layer.experts
@@ -275,9 +235,10 @@ def _shrink(layer, kept: list[int]) -> None:
     layer.pruned_experts = kept  # original ids of the surviving experts, for reports
 
 
-def prune_experts(model: nn.Module, calib: Any, keep, method: str = "frequency", inplace: bool = False,
-                  max_subsets: int = MAX_SUBSETS) -> nn.Module:
-    """Remove whole experts from every sparse MoE layer, keeping ``keep`` (int, or a fraction of E).
+def prune_experts(model: nn.Module, keep: int | float | list, *, calib: Any = None, method: str = "frequency",
+                  max_subsets: int = MAX_SUBSETS, inplace: bool = False) -> nn.Module:
+    """Remove whole experts from every sparse MoE layer, keeping ``keep`` per layer (an int, a
+    fraction of ``E``, or one value per layer; at least ``k``).
 
     ``method="frequency"``: keep the experts chosen most often on ``calib`` (F-prune).
     ``method="naee"``: keep the subset minimising the layer-output reconstruction error
@@ -291,22 +252,20 @@ def prune_experts(model: nn.Module, calib: Any, keep, method: str = "frequency",
     for layer in layers:
         if not isinstance(layer, SparseMoE):
             raise TypeError(f"model: expert pruning needs sparse top-k MoE layers, got {type(layer).__name__}")
-        _resolve_keep(keep, layer)
+    counts = _validate.keep_per_layer(keep, layers)
     _validate.dense_experts(layers, "prune_experts")
     _validate.router_kind(layers, "prune_experts", ("TopKRouter", "SkippingRouter"))
     _validate.finite_model(model)
-    batches = _calib_batches(calib)
-    xs = _layer_inputs(model, batches)
-    model = _out(model, inplace)
+    xs = layer_inputs(model, calib)
+    model = model if inplace else copy.deepcopy(model)
     with torch.no_grad():
-        for layer, x in zip(moe_layers(model), xs):
-            n = _resolve_keep(keep, layer)
+        for layer, x, n in zip(moe_layers(model), xs, counts):
             if method == "frequency":
                 freq = torch.bincount(layer.router(x).indices.reshape(-1), minlength=layer.num_experts)
                 kept = sorted(freq.argsort(descending=True, stable=True)[:n].tolist())
             else:
                 kept, _ = naee_select(layer, x, n, max_subsets)
-            _shrink(layer, kept)
+            keep_experts(layer, kept)
     return model
 
 
@@ -344,7 +303,7 @@ class SkippingRouter(TopKRouter):
 
 
 @torch.no_grad()
-def skip_experts(model: nn.Module, calib: Any, inplace: bool = False, quantile: float = 0.5) -> nn.Module:
+def skip_experts(model: nn.Module, *, calib: Any = None, quantile: float = 0.5, inplace: bool = False) -> nn.Module:
     """NAEE dynamic skipping: per layer, ``beta`` = the median (``quantile``) of ``w_2 / w_1`` on
     ``calib``; each layer's router becomes a :class:`SkippingRouter`."""
     quantile = _check_ratio("quantile", quantile)
@@ -357,8 +316,8 @@ def skip_experts(model: nn.Module, calib: Any, inplace: bool = False, quantile: 
                              "(the capacity mask would replace the skip mask)")
     _validate.router_kind(layers, "skip_experts", ("TopKRouter",))
     _validate.finite_model(model)
-    xs = _layer_inputs(model, _calib_batches(calib))
-    model = _out(model, inplace)
+    xs = layer_inputs(model, calib)
+    model = model if inplace else copy.deepcopy(model)
     for layer, x in zip(moe_layers(model), xs):
         w = layer.router(x).weights
         beta = torch.quantile((w[:, 1] / w[:, 0]).float(), quantile)

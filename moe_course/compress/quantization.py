@@ -26,6 +26,10 @@ Package (MoQE, Kim et al. 2023: experts tolerate low bits; Frantar & Alistarh 20
   :meth:`QuantizedExperts.weights`, so every dispatch strategy works unchanged.
 * :func:`quantize`: returns a quantized copy of a model (experts only, or experts plus the other
   ``nn.Linear`` layers and embeddings); routers always stay fp32.
+* :func:`quantize_rest`: the non-expert part alone (attention, embeddings, head) at its own bit
+  width. Both walk the model with one module-swap helper and one group-size rule: a group size
+  must divide the experts' widths (``quantize`` raises otherwise); a linear layer or embedding
+  whose input width it does not divide gets one scale per row.
 * :func:`mixed_precision_bits`: more bits for busy experts, fewer for rare ones, at a fixed
   average bit budget, from :func:`moe_course.metrics.routing_stats`.
 
@@ -53,7 +57,7 @@ TARGETS = ("experts", "all")
 
 __all__ = [
     "SUPPORTED_BITS", "quantize_tensor", "dequantize_tensor", "fake_quantize", "pack_codes",
-    "unpack_codes", "QuantizedExperts", "QuantizedLinear", "QuantizedEmbedding", "quantize",
+    "unpack_codes", "QuantizedExperts", "QuantizedLinear", "QuantizedEmbedding", "quantize", "quantize_rest",
     "mixed_precision_bits", "bits_per_weight",
 ]
 
@@ -371,6 +375,12 @@ class QuantizedExperts(_Packed, CompressedExperts):
                 f"symmetric={self.symmetric}")
 
 
+def _row_group(width: int, group_size: int | None) -> int | None:
+    """The module's group-size rule for non-expert matrices: ``group_size`` where it divides the
+    input ``width``, else one scale per row (``None``)."""
+    return group_size if group_size is not None and width % group_size == 0 else None
+
+
 class QuantizedLinear(_Packed, nn.Linear):
     """An ``nn.Linear`` whose weight is packed; ``.weight`` dequantizes (the bias stays fp32)."""
 
@@ -381,8 +391,7 @@ class QuantizedLinear(_Packed, nn.Linear):
         nn.Module.__init__(self)
         _check_bits(bits)
         self.in_features, self.out_features, self.bits = linear.in_features, linear.out_features, bits
-        gs = group_size if group_size is not None and linear.in_features % group_size == 0 else None
-        self.group_size = gs
+        self.group_size = gs = _row_group(linear.in_features, group_size)
         self._store("weight", linear.weight.detach(), bits, gs, symmetric, scale_dtype)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone())
 
@@ -406,8 +415,7 @@ class QuantizedEmbedding(_Packed, nn.Embedding):
         self.num_embeddings, self.embedding_dim, self.bits = emb.num_embeddings, emb.embedding_dim, bits
         for attr in ("padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse"):
             setattr(self, attr, getattr(emb, attr))
-        gs = group_size if group_size is not None and emb.embedding_dim % group_size == 0 else None
-        self.group_size = gs
+        self.group_size = gs = _row_group(emb.embedding_dim, group_size)
         self._store("weight", emb.weight.detach(), bits, gs, symmetric, scale_dtype)
 
     @property
@@ -438,15 +446,47 @@ def _layer_bits(bits, layers) -> list:
     return list(bits)
 
 
+def _swap_modules(model: nn.Module, replace, skip: set[int] = frozenset()) -> None:
+    """Replace, at any depth, every child ``m`` of ``model`` for which ``replace(m)`` returns a module
+    (the module-swap walk of torchao's ``quantize_``); modules whose ``id`` is in ``skip`` and their
+    children are left alone."""
+    for parent in list(model.modules()):
+        if id(parent) in skip:
+            continue
+        for name, child in list(parent.named_children()):
+            new = None if id(child) in skip else replace(child)
+            if new is not None:
+                setattr(parent, name, new)
+
+
+def _packed_like(bits: int, group_size: int | None, symmetric: bool = False,
+                 scale_dtype: torch.dtype = torch.float16, embedding_bits: int | None = None):
+    """``replace`` for :func:`_swap_modules`: plain ``nn.Linear`` / ``nn.Embedding`` -> packed."""
+    def replace(m: nn.Module) -> nn.Module | None:
+        if type(m) is nn.Linear:
+            return QuantizedLinear(m, bits, group_size, symmetric, scale_dtype)
+        if type(m) is nn.Embedding:
+            return QuantizedEmbedding(m, bits if embedding_bits is None else embedding_bits, group_size, symmetric,
+                                      scale_dtype)
+        return None
+    return replace
+
+
+def _check_group_size(group_size) -> None:
+    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1):
+        raise ValueError(f"group_size: expected None or a positive int, got {group_size!r}")
+
+
 def quantize(
     model: nn.Module,
     bits: int | Sequence[int | Sequence[int]],
+    *,
     group_size: int | None = None,
     symmetric: bool = False,
     targets: str = "experts",
-    inplace: bool = False,
     other_bits: int = 8,
     scale_dtype: torch.dtype = torch.float16,
+    inplace: bool = False,
 ) -> nn.Module:
     """Weight-only RTN quantization of a trained MoE model; returns a new model (deep copy).
 
@@ -455,6 +495,8 @@ def quantize(
         bits: one of ``SUPPORTED_BITS`` for every routed expert, or a list with one entry per MoE
             layer, each an int or a list with one value per expert (see :func:`mixed_precision_bits`).
         group_size: elements per scale along each row's input dimension; ``None``: one per row.
+            It must divide the experts' ``d_model`` and ``d_hidden``; other layers follow the
+            module's group-size rule (one scale per row where it does not divide).
         symmetric: absmax (``True``) or zero-point (``False``, better at 2-3 bits).
         targets: ``"experts"`` (routed experts only) or ``"all"`` (also shared experts, every
             ``nn.Linear`` outside the routers and every ``nn.Embedding``, at ``other_bits``).
@@ -465,8 +507,7 @@ def quantize(
     _validate.dense_experts(layers, "quantize")  # quantizing twice / after factorizing: refuse
     if targets not in TARGETS:
         raise ValueError(f"targets: expected one of {TARGETS}, got {targets!r}")
-    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1):
-        raise ValueError(f"group_size: expected None or a positive int, got {group_size!r}")
+    _check_group_size(group_size)
     _check_bits(other_bits, "other_bits")
     per_layer = _layer_bits(bits, layers)
     for layer in layers:
@@ -482,14 +523,36 @@ def quantize(
             layer.shared = QuantizedExperts(layer.shared, other_bits, group_size, symmetric, scale_dtype)
     if targets == "all":
         routers = {id(m) for layer in moe_layers(out) for m in layer.router.modules()}
-        for parent in list(out.modules()):
-            for name, child in list(parent.named_children()):
-                if id(child) in routers or isinstance(child, (QuantizedLinear, QuantizedEmbedding)):
-                    continue
-                if type(child) is nn.Linear:
-                    setattr(parent, name, QuantizedLinear(child, other_bits, group_size, symmetric, scale_dtype))
-                elif type(child) is nn.Embedding:
-                    setattr(parent, name, QuantizedEmbedding(child, other_bits, group_size, symmetric, scale_dtype))
+        _swap_modules(out, _packed_like(other_bits, group_size, symmetric, scale_dtype), routers)
+    return out
+
+
+def quantize_rest(model: nn.Module, bits: int = 8, *, group_size: int | None = 32, embedding_bits: int | None = None,
+                  inplace: bool = False) -> nn.Module:
+    """Quantize every ``nn.Linear`` outside the MoE layers and every ``nn.Embedding`` (RTN, packed).
+
+    The non-expert part (attention / convolution projections, embeddings, head) at its own bit
+    width, so experts and the rest get different precisions (MoQE, Kim et al. 2023;
+    Mixtral-offloading, Eliseev & Mazur 2023: experts tolerate fewer bits). Routed experts and
+    routers are left as they are (quantize experts with :func:`quantize`; routers stay fp32, their
+    top-k flips easily). The group-size rule is the module's: one scale per row where
+    ``group_size`` does not divide a layer's input width.
+
+    Args:
+        bits: bits of the linear layers (one of ``SUPPORTED_BITS``).
+        group_size: elements per scale, or ``None`` for one per row.
+        embedding_bits: bits of the embedding tables (default ``bits``); with a tied LM head the
+            token embedding is also the output layer, often the most sensitive matrix.
+    """
+    _check_bits(bits, "bits")
+    _check_bits(bits if embedding_bits is None else embedding_bits, "embedding_bits")
+    _check_group_size(group_size)
+    require_moe_layers(model, "quantize")
+    # Checked up front: a NaN found half-way would leave an in-place model half quantized.
+    _validate.finite_model(model)
+    out = model if inplace else copy.deepcopy(model)
+    inside_moe = {id(m) for layer in moe_layers(out) for m in layer.modules()}
+    _swap_modules(out, _packed_like(bits, group_size, embedding_bits=embedding_bits), inside_moe)
     return out
 
 

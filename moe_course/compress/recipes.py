@@ -1,4 +1,5 @@
-r"""Recipes: compose the compression techniques into pipelines and compare them on a Pareto frontier.
+r"""Recipes: compose the compression techniques into pipelines and compare them on a Pareto frontier
+(chapter 11).
 
 No single technique wins on every axis. He et al. (2024, "Demystifying the Compression of
 Mixture-of-Experts Through a Unified Framework") separate *expert slimming* (pruning and
@@ -14,12 +15,8 @@ and knowledge-distillation recovery. This module makes such chains one call and 
   before any work (unknown name, unknown or missing keyword, impossible order).
 * :func:`pareto_frontier`: the non-dominated subset of measured variants (fewer bytes / less
   latency, better quality).
-* :func:`compression_table`: the course's table for a zoo model (baseline, every single
-  technique at a representative setting, the best combinations), one dict per row; used by the
-  ``moe-course table`` command. :func:`plot_frontier` draws it (:func:`moe_course.viz.plot_frontier`).
-* :func:`quantize_rest`: the non-expert part (attention / convolution projections, embeddings,
-  head) at its own bit width, so experts and the rest can get different precisions (MoQE,
-  Kim et al. 2023; Mixtral-offloading, Eliseev & Mazur 2023: experts tolerate fewer bits).
+  :func:`moe_course.viz.plot_frontier` draws it; :mod:`moe_course.course_table` uses both for the
+  course's table of every technique on the zoo models.
 """
 
 from __future__ import annotations
@@ -35,64 +32,15 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from moe_course import _validate
-from moe_course.layers import moe_layers, require_moe_layers
+from moe_course.compress import lowrank, merging, pruning, quantization, trimming
+from moe_course.compress.distillation import train_student
+from moe_course.metrics import format_bytes, latency, size_report
+from moe_course.train import TrainConfig
 
 __all__ = [
-    "STEPS", "pipeline", "PipelineResult", "pareto_frontier", "compression_table", "plot_frontier",
-    "quantize_rest", "describe_step", "TABLE_MODELS", "ROW_KEYS",
+    "STEPS", "pipeline", "PipelineResult", "pareto_frontier", "describe_step",
 ]
 
-TABLE_MODELS = ("shakespeare-moe", "mnist1d-moe")
-ROW_KEYS = ("technique", "steps", "bytes", "ratio", "quality", "metric", "higher_is_better", "latency_ms")
-
-
-# --------------------------------------------------------------------------------------------
-# the non-expert part at its own precision
-# --------------------------------------------------------------------------------------------
-def _divides(g: int | None, n: int) -> bool:
-    return g is None or n % g == 0
-
-
-def quantize_rest(model: nn.Module, bits: int = 8, group_size: int | None = 32, embedding_bits: int | None = None,
-                  inplace: bool = False) -> nn.Module:
-    """Quantize every ``nn.Linear`` outside the MoE layers and every ``nn.Embedding`` (RTN, packed).
-
-    Routed experts and routers are left as they are (quantize experts with
-    :func:`moe_course.compress.quantization.quantize`; routers stay fp32, their top-k flips
-    easily). A layer whose input width is not a multiple of ``group_size`` gets one scale per row.
-
-    Args:
-        bits: bits of the linear layers (one of ``SUPPORTED_BITS``).
-        group_size: elements per scale, or ``None`` for one per row.
-        embedding_bits: bits of the embedding tables (default ``bits``); with a tied LM head the
-            token embedding is also the output layer, often the most sensitive matrix.
-    """
-    from moe_course.compress.quantization import QuantizedEmbedding, QuantizedLinear, _check_bits
-
-    _check_bits(bits, "bits")
-    embedding_bits = bits if embedding_bits is None else embedding_bits
-    _check_bits(embedding_bits, "embedding_bits")
-    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1):
-        raise ValueError(f"group_size: expected None or a positive int, got {group_size!r}")
-    require_moe_layers(model, "quantize")
-    # Checked up front: a NaN found half-way would leave an in-place model half quantized.
-    _validate.finite_model(model)
-    out = model if inplace else copy.deepcopy(model)
-    skip = {id(m) for layer in moe_layers(out) for m in layer.modules()}
-    for parent in list(out.modules()):
-        if id(parent) in skip:
-            continue
-        for name, child in list(parent.named_children()):
-            if id(child) in skip:
-                continue
-            if type(child) is nn.Linear:
-                g = group_size if _divides(group_size, child.in_features) else None
-                setattr(parent, name, QuantizedLinear(child, bits, g))
-            elif type(child) is nn.Embedding:
-                g = group_size if _divides(group_size, child.embedding_dim) else None
-                setattr(parent, name, QuantizedEmbedding(child, embedding_bits, g))
-    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -101,7 +49,7 @@ def quantize_rest(model: nn.Module, bits: int = 8, group_size: int | None = 32, 
 @dataclass(frozen=True)
 class _Step:
     fn: Callable[..., nn.Module]
-    calib: bool              # the function takes calibration data as its second argument
+    calib: bool              # the function needs calibration data (its calib= keyword)
     rewrites_experts: bool   # needs plain (uncompressed) experts
     compresses_experts: bool  # leaves experts in a compressed form (packed, factored)
     label: Callable[[dict], str]
@@ -116,23 +64,14 @@ def _distill_step(model: nn.Module, *, teacher: nn.Module, data: Any, steps: int
                   batch_size: int = 32, temperature: float = 2.0, alpha: float = 0.5, seed: int = 0) -> nn.Module:
     """Knowledge-distillation recovery: train ``model`` (in place) towards ``teacher`` (MC-SMoE's
     recovery step, Li et al. 2024; Hinton et al. 2015's loss, :func:`moe_course.compress.distillation.kd_loss`)."""
-    from moe_course.compress.distillation import distill
-    from moe_course.train import TrainConfig
-
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("distill: the model has no trainable parameters left to recover")
     cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=max(1, steps // 10),
                       eval_every=0, eval_batches=1, seed=seed)
-    was = model.training
-    distill(teacher, model, data, cfg=cfg, temperature=temperature, alpha=alpha, progress=False)
-    model.train(was)
-    model.eval()
-    return model
+    return train_student(model, teacher, data, cfg=cfg, temperature=temperature, alpha=alpha, progress=False).eval()
 
 
 def _registry() -> dict[str, _Step]:
-    from moe_course.compress import lowrank, merging, pruning, quantization, trimming
-
     def q_label(k):
         s = f"quantize({k.get('bits')} bit"
         if k.get("targets") == "all":
@@ -144,34 +83,34 @@ def _registry() -> dict[str, _Step]:
                        lambda k: f"prune({k.get('method', 'frequency')}, keep {_fmt(k.get('keep'))})",
                        "expert pruning by frequency or NAEE reconstruction (Lu et al. 2024)"),
         "prune_magnitude": _Step(pruning.prune_magnitude, False, True, False,
-                                 lambda k: f"prune_magnitude({_fmt(k.get('sparsity'))})",
+                                 lambda k: f"prune_magnitude(keep {_fmt(k.get('keep'))})",
                                  "unstructured magnitude pruning (zeros, no bytes saved when stored dense)"),
         "skip": _Step(pruning.skip_experts, True, True, False, lambda k: "skip(dynamic)",
                       "dynamic expert skipping (NAEE, Lu et al. 2024)"),
         "drop_experts": _Step(trimming.drop_experts, True, True, False,
                               lambda k: f"drop_experts(keep {_fmt(k.get('keep'))})",
                               "expert drop by mean router probability (He et al. 2024)"),
-        "drop_layers": _Step(trimming.drop_layers, True, False, False, lambda k: f"drop_layers({k.get('n')})",
+        "drop_layers": _Step(trimming.drop_layers, True, False, False, lambda k: f"drop_layers(keep {_fmt(k.get('keep'))})",
                              "MoE layer drop by residual similarity (He et al. 2024)"),
-        "drop_blocks": _Step(trimming.drop_blocks, True, False, False, lambda k: f"drop_blocks({k.get('n')})",
+        "drop_blocks": _Step(trimming.drop_blocks, True, False, False, lambda k: f"drop_blocks(keep {_fmt(k.get('keep'))})",
                              "block drop by hidden-state similarity (He et al. 2024)"),
         "merge": _Step(merging.merge_experts, True, True, False,
-                       lambda k: f"merge(->{_fmt(k.get('num_groups'))})", "M-SMoE merging (Li et al. 2024)"),
+                       lambda k: f"merge(->{_fmt(k.get('keep'))})", "M-SMoE merging (Li et al. 2024)"),
         "hc_smoe": _Step(merging.hc_smoe, True, True, False,
-                         lambda k: f"hc_smoe(->{_fmt(k.get('num_groups'))})",
+                         lambda k: f"hc_smoe(->{_fmt(k.get('keep'))})",
                          "hierarchical-clustering merging (Chen et al. 2025)"),
         "mc_smoe": _Step(merging.mc_smoe, True, True, True,
-                         lambda k: f"mc_smoe(->{_fmt(k.get('num_groups'))}, r{k.get('rank')}, "
+                         lambda k: f"mc_smoe(->{_fmt(k.get('keep'))}, r{k.get('rank')}, "
                                    f"{_fmt(k.get('keep_sparse'))} sparse)",
                          "merge, then low-rank + sparse (MC-SMoE, Li et al. 2024)"),
         "lowrank": _Step(lowrank.lowrank_experts, False, True, True,
-                         lambda k: f"lowrank({'r' + str(k['rank']) if k.get('rank') else 'energy ' + _fmt(k.get('energy'))})",
+                         lambda k: f"lowrank({'energy ' if isinstance(k.get('keep'), float) else 'r'}{_fmt(k.get('keep'))})",
                          "truncated SVD of the trained experts (Eckart-Young)"),
-        "share": _Step(lowrank.share_experts, False, True, True, lambda k: f"share(r{k.get('rank')})",
+        "share": _Step(lowrank.share_experts, False, True, True, lambda k: f"share(r{k.get('keep')})",
                        "shared base + low-rank deltas"),
         "quantize": _Step(quantization.quantize, False, True, True, q_label,
                           "RTN weight-only quantization with packed storage (MoQE, Kim et al. 2023)"),
-        "quantize_rest": _Step(quantize_rest, False, False, False,
+        "quantize_rest": _Step(quantization.quantize_rest, False, False, False,
                                lambda k: f"quantize_rest({k.get('bits', 8)} bit"
                                          + (f", emb {k['embedding_bits']} bit" if k.get("embedding_bits") else "") + ")",
                                "attention / embeddings / head at their own bit width"),
@@ -234,8 +173,6 @@ def _check_steps(steps: Any, calib: Any, train_data: Any) -> list[tuple[str, Any
             raise ValueError(f"{where} ({name}): unexpected keyword(s) {bad}; allowed: {sorted(allowed)}")
         missing = [k for k, p in params.items() if p.default is p.empty and k not in _PIPELINE_OWNED
                    and k not in kwargs and k != "data"]
-        if name == "lowrank" and "rank" not in kwargs and "energy" not in kwargs:
-            missing.append("rank or energy")
         if missing:
             raise ValueError(f"{where} ({name}): missing required keyword(s) {missing}")
         if spec.calib and calib is None:
@@ -247,15 +184,15 @@ def _check_steps(steps: Any, calib: Any, train_data: Any) -> list[tuple[str, Any
                              f"compressed form; put {name!r} before it")
         for key in ("bits", "other_bits", "embedding_bits"):
             v = kwargs.get(key)
-            if isinstance(v, int) and not isinstance(v, bool):
-                from moe_course.compress.quantization import SUPPORTED_BITS
-                if v not in SUPPORTED_BITS:
-                    raise ValueError(f"{where} ({name}): {key} must be one of {SUPPORTED_BITS}, got {v!r}")
-        for key in ("n", "rank", "num_groups", "steps"):
+            if isinstance(v, int) and not isinstance(v, bool) and v not in quantization.SUPPORTED_BITS:
+                raise ValueError(f"{where} ({name}): {key} must be one of {quantization.SUPPORTED_BITS}, got {v!r}")
+        for key in ("keep", "rank", "steps"):
             v = kwargs.get(key)
-            lowest = 0 if key == "n" or (key == "rank" and name == "share") else 1
-            if key in kwargs and isinstance(v, (int, float)) and not isinstance(v, bool) and v < lowest:
+            lowest = 0 if key == "keep" and name == "share" else 1
+            if isinstance(v, int) and not isinstance(v, bool) and v < lowest:
                 raise ValueError(f"{where} ({name}): {key} must be >= {lowest}, got {v!r}")
+            if isinstance(v, float) and not 0 < v <= 1:
+                raise ValueError(f"{where} ({name}): {key} as a fraction must be in (0, 1], got {v!r}")
         if spec.compresses_experts and compressed_by is None:
             compressed_by = f"steps[{i}] ({name})"
         out.append((name, spec, kwargs))
@@ -300,8 +237,6 @@ class PipelineResult:
         return "\n".join(lines)
 
     def __repr__(self) -> str:
-        from moe_course.metrics import format_bytes
-
         out = [f"PipelineResult: {self.rows[0]['bytes']:,} -> {self.rows[-1]['bytes']:,} bytes "
                f"({self.ratio:.2f}x smaller)"]
         for r in self.rows:
@@ -324,9 +259,9 @@ def _quality(evaluate: Callable | None, model: nn.Module) -> float | None:
     return float(v)
 
 
-def pipeline(model: nn.Module, steps: Sequence[Any], calib: Any = None, evaluate: Callable | None = None,
-             inplace: bool = False, *, train_data: Any = None, latency_batch: Any = None,
-             latency_repeats: int = 5) -> PipelineResult:
+def pipeline(model: nn.Module, steps: Sequence[Any], *, calib: Any = None, evaluate: Callable | None = None,
+             train_data: Any = None, latency_batch: Any = None, latency_repeats: int = 5,
+             inplace: bool = False) -> PipelineResult:
     """Run compression steps one after another and measure every stage.
 
     Hybrid pipelines as in MC-SMoE (Li et al., 2024: merge, then low-rank + sparse, then KD
@@ -335,7 +270,7 @@ def pipeline(model: nn.Module, steps: Sequence[Any], calib: Any = None, evaluate
     Args:
         model: a trained MoE model; left untouched unless ``inplace=True``.
         steps: a list of ``(name, kwargs)`` pairs with ``name`` in :data:`STEPS` (e.g.
-            ``[("drop_layers", {"n": 1}), ("quantize", {"bits": 3, "group_size": 32})]``), or
+            ``[("drop_layers", {"keep": 3}), ("quantize", {"bits": 3, "group_size": 32})]``), or
             callables ``model -> model``. All are validated before any work: an unknown name,
             an unknown or missing keyword, a step needing ``calib`` without it, or a step needing
             plain experts after one that compressed them raises ``ValueError`` naming the step.
@@ -375,8 +310,6 @@ def pipeline(model: nn.Module, steps: Sequence[Any], calib: Any = None, evaluate
 
 
 def _run(plan, model, current, teacher, calib, evaluate, train_data, latency_batch, latency_repeats):
-    from moe_course.metrics import latency as _latency, size_report
-
     current.eval()
 
     def measure(stage: int, label: str, seconds: float) -> dict[str, Any]:
@@ -384,7 +317,7 @@ def _run(plan, model, current, teacher, calib, evaluate, train_data, latency_bat
         row = {"stage": stage, "step": label, "bytes": rep.bytes, "params": rep.total_params,
                "ratio": None, "quality": _quality(evaluate, current), "latency_ms": None, "seconds": seconds}
         if latency_batch is not None:
-            row["latency_ms"] = _latency(current, latency_batch, repeats=latency_repeats, warmup=1).median_ms
+            row["latency_ms"] = latency(current, latency_batch, repeats=latency_repeats, warmup=1).median_ms
         return row
 
     rows = [measure(0, "input", 0.0)]
@@ -404,7 +337,7 @@ def _run(plan, model, current, teacher, calib, evaluate, train_data, latency_bat
                     data = data if data is not None else train_data if train_data is not None else calib
                     nxt = spec.fn(current, teacher=teacher, data=data, **kw)
                 elif spec.calib:
-                    nxt = spec.fn(current, calib, inplace=True, **kw)
+                    nxt = spec.fn(current, calib=calib, inplace=True, **kw)
                 else:
                     nxt = spec.fn(current, inplace=True, **kw)
         except (ValueError, TypeError) as err:
@@ -435,7 +368,7 @@ def pareto_frontier(points: Iterable[Mapping[str, Any]], x: str = "bytes", y: st
     missing or NaN are left out. The frontier is returned sorted by ``x`` (ties by ``y``, best first).
 
     Args:
-        points: dicts (e.g. :func:`compression_table` rows).
+        points: dicts (e.g. :func:`moe_course.course_table.compression_table` rows).
         x, y: the keys of the cost and quality axes.
         higher_is_better: direction of ``y``; ``None`` reads the points' ``"higher_is_better"`` key.
     """
@@ -471,151 +404,3 @@ def pareto_frontier(points: Iterable[Mapping[str, Any]], x: str = "bytes", y: st
             best = y0
         j = k
     return [pts[i] for i in keep]
-
-
-# --------------------------------------------------------------------------------------------
-# the course's compression table
-# --------------------------------------------------------------------------------------------
-def _group_size(model: nn.Module) -> int | None:
-    dims = {d for layer in moe_layers(model) for d in (layer.experts.d_model, layer.experts.d_hidden)}
-    return next((g for g in (32, 16, 8) if all(d % g == 0 for d in dims)), None)
-
-
-def table_recipes(model: nn.Module, quick: bool = False) -> list[tuple[str, list]]:
-    """The variants of :func:`compression_table`: ``[(technique, steps), ...]`` (baseline first).
-
-    Single techniques at a representative setting (a quarter of the experts removed or merged,
-    one MoE layer or block dropped, rank half the break-even rank df/(d+f), 4 and 3 bits), then
-    combinations in the spirit of He et al. (2024, trim then quantize) and MC-SMoE (Li et al., 2024).
-    """
-    layers = require_moe_layers(model, "compress")
-    E = min(layer.num_experts for layer in layers)
-    keep = max(min(layer.k for layer in layers), E - max(1, E // 4))
-    g = _group_size(model)
-    # Half the break-even rank: a rank-r factor of a d x f matrix stores r(d + f) numbers, so it
-    # saves bytes only below r = df / (d + f); at half of that it halves the expert matrices.
-    d, f = layers[0].experts.d_model, layers[0].experts.d_hidden
-    rank = max(1, d * f // (d + f) // 2)
-    q = lambda b, **kw: ("quantize", {"bits": b, "group_size": g, **kw})  # noqa: E731
-    rest = ("quantize_rest", {"bits": 8, "group_size": g})
-    rest4 = ("quantize_rest", {"bits": 4, "group_size": g, "embedding_bits": 8})
-    L = len(layers)
-    # one MoE layer dropped (a model with a single MoE layer trims experts instead)
-    trim = ("drop_layers", {"n": 1}) if L > 1 else ("drop_experts", {"keep": keep})
-    recipes = [
-        ("baseline (fp32)", []),
-        ("quantize experts", [q(4)]),
-        ("quantize everything", [q(4), rest4]),
-        ("expert drop", [("drop_experts", {"keep": keep})]),
-        *([("layer drop", [trim])] if L > 1 else []),
-        ("merge (M-SMoE)", [("merge", {"num_groups": keep})]),
-        ("trim + quantize", [trim, q(3), rest4]),
-    ]
-    if quick:
-        return recipes
-    recipes[3:3] = [("quantize experts 3-bit", [q(3)]), ("quantize experts 2-bit", [q(2)])]
-    recipes += [
-        ("prune (NAEE)", [("prune", {"keep": keep, "method": "naee"})]),
-        *([("block drop", [("drop_blocks", {"n": 1})])] if L > 1 else []),
-        ("merge (HC-SMoE)", [("hc_smoe", {"num_groups": keep})]),
-        ("MC-SMoE", [("mc_smoe", {"num_groups": keep, "rank": rank, "keep_sparse": 0.1})]),
-        ("low-rank (SVD)", [("lowrank", {"rank": rank})]),
-        ("weight sharing", [("share", {"rank": rank // 2})]),
-        ("3-bit experts, 8-bit rest", [q(3), rest]),
-        ("3-bit experts, 4-bit rest", [q(3), rest4]),
-        ("2-bit experts, 8-bit rest", [q(2), rest]),
-        ("NAEE + quantize", [("prune", {"keep": keep, "method": "naee"}), q(4), rest4]),
-        ("merge + quantize", [("merge", {"num_groups": keep}), q(4), rest4]),
-        ("trim + quantize, 8-bit rest", [trim, q(3), rest]),
-        ("trim + quantize + KD", [trim, ("distill", {"steps": 40, "batch_size": 16}), q(3), rest4]),
-    ]
-    return recipes
-
-
-def _zoo_setup(model_name: str, preset: str | None, cache_dir: Any, quick: bool) -> dict[str, Any]:
-    from moe_course import zoo
-    from moe_course.train import evaluate as _evaluate
-
-    if model_name not in TABLE_MODELS:
-        raise ValueError(f"model_name: expected one of {TABLE_MODELS}, got {model_name!r}")
-    preset = "auto" if preset is None else preset
-    model = zoo.pretrained(model_name, preset=preset, cache_dir=cache_dir, progress=False).eval()
-    data = zoo.data(model_name, preset=preset)
-    lm = model_name == "shakespeare-moe"
-    metric = "perplexity" if lm else "accuracy"
-    val, train = data["validation"], data["train"]
-    n_val = min(len(val), (128 if lm else 500) if quick else len(val))
-    val = val.select(range(n_val))
-    calib = train.shuffle(seed=0).select(range(min(len(train), 32 if lm else 256)))
-    lat_rows = min(len(val), 16 if lm else 64)
-    lat_batch = {k: v for k, v in val[:lat_rows].items()}
-    return {"model": model, "metric": metric, "val": val, "calib": calib, "train": train, "lat_batch": lat_batch,
-            "evaluate": lambda m: _evaluate(m, val, batch_size=256)[metric], "higher_is_better": not lm}
-
-
-def compression_table(model_name: str, *, preset: str | None = None, cache_dir: Any = None,
-                      quick: bool = False, latency_repeats: int | None = None) -> list[dict[str, Any]]:
-    """Baseline, every single technique at a representative setting and the best combinations
-    (:func:`table_recipes`) on a zoo model, measured: one dict per row with the keys
-    :data:`ROW_KEYS` (``technique``, ``steps``, true ``bytes``, ``ratio`` = fp32 baseline bytes /
-    bytes, ``quality``, ``metric``, ``higher_is_better``, measured ``latency_ms`` of one batch, best of the repeats).
-
-    Quality is measured on the zoo model's validation split (``quick``: its first 128 LM blocks /
-    500 MNIST-1D rows, and fewer variants); calibration and KD recovery use the training split.
-    Latency is the best (minimum) of ``latency_repeats`` forward passes of one validation batch
-    (16 LM blocks of 64 tokens / 64 MNIST-1D rows), measured round-robin over all variants so that
-    a change in the machine's load hits every variant alike; the minimum is the run least disturbed
-    by other processes (as ``timeit`` recommends), which matters on a shared machine. The single techniques follow He et al.
-    (2024) (expert/layer/block drop, quantization), Li et al. (2024) (M-SMoE, MC-SMoE), Lu et al.
-    (2024) (NAEE) and Chen et al. (2025) (HC-SMoE).
-
-    Args:
-        model_name: ``"shakespeare-moe"`` or ``"mnist1d-moe"``.
-        preset: the zoo preset (default ``"auto"``).
-        cache_dir: the zoo cache directory (default: ``$MOE_COURSE_CACHE`` / the user cache).
-        quick: fewer variants and a smaller evaluation set (for a fast look or CI).
-        latency_repeats: timed runs per variant (default 3 with ``quick``, else 7).
-    """
-    from moe_course.metrics import latency as _latency
-
-    if not isinstance(model_name, str) or model_name not in TABLE_MODELS:
-        raise ValueError(f"model_name: expected one of {TABLE_MODELS}, got {model_name!r}")
-    if not isinstance(quick, bool):
-        raise TypeError(f"quick: expected a bool, got {quick!r}")
-    if latency_repeats is None:
-        latency_repeats = 3 if quick else 7
-    if isinstance(latency_repeats, bool) or not isinstance(latency_repeats, int) or latency_repeats < 1:
-        raise ValueError(f"latency_repeats: expected a positive int, got {latency_repeats!r}")
-    s = _zoo_setup(model_name, preset, cache_dir, quick)
-    rows, models = [], []
-    for technique, steps in table_recipes(s["model"], quick=quick):
-        res = pipeline(s["model"], steps, calib=s["calib"], evaluate=None, train_data=s["train"])
-        b = int(res.final["bytes"])
-        rows.append({
-            "technique": technique,
-            "steps": " -> ".join(r["step"] for r in res.rows[1:]) or "none",
-            "bytes": b,
-            "ratio": (rows[0]["bytes"] if rows else b) / b,
-            "quality": float(s["evaluate"](res.model)),
-            "metric": s["metric"],
-            "higher_is_better": s["higher_is_better"],
-            "latency_ms": float("nan"),
-        })
-        models.append(res.model)
-    times: list[list[float]] = [[] for _ in models]
-    for m in models:  # warm-up
-        _latency(m, s["lat_batch"], repeats=1, warmup=1)
-    for _ in range(latency_repeats):
-        for i, m in enumerate(models):
-            times[i].append(_latency(m, s["lat_batch"], repeats=1, warmup=0).median_ms)
-    for row, t in zip(rows, times):
-        row["latency_ms"] = float(min(t))
-    return rows
-
-
-def plot_frontier(rows: Sequence[Mapping[str, Any]], x: str = "bytes", ax=None, title: str | None = None):
-    """Quality against ``x`` (``"bytes"`` or ``"latency_ms"``) for :func:`compression_table` rows,
-    with the Pareto frontier drawn through the non-dominated variants; returns the Figure."""
-    from moe_course.viz import plot_frontier as _plot
-
-    return _plot(rows, x=x, ax=ax, title=title)

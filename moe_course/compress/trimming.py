@@ -1,4 +1,4 @@
-"""Expert trimming, the unified framework of He et al. (2024): expert, layer and block drop.
+"""Expert trimming (chapter 9), the unified framework of He et al. (2024): expert, layer and block drop.
 
 * :func:`drop_experts` ranks experts by their mean router probability on calibration data (per
   layer, or globally across layers) and physically removes the lowest (reusing the removal of
@@ -10,11 +10,13 @@
   states ``n`` blocks apart: one shot with the ``n`` largest one-block similarities, or the best
   contiguous run of ``n`` blocks (``contiguous=True``). The blocks leave ``model.blocks``.
 
-Every function returns a new model (deep copy) unless ``inplace=True``.
+Every transform follows :mod:`moe_course.compress`'s convention ``f(model, keep, *, calib=None,
+inplace=False, **options)`` and returns a new model (deep copy) unless ``inplace=True``.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -22,9 +24,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import _validate
+from ..calib import calib_batches, layer_inputs, run
 from ..layers import MoELayer, SparseMoE, moe_layers, require_moe_layers
-from ..metrics import _forward
-from .pruning import _calib_batches, _layer_inputs, _out, _shrink
+from .pruning import keep_experts
 
 __all__ = ["residual_similarity", "block_similarity", "best_contiguous_run", "expert_scores", "drop_experts",
            "layer_similarities", "Skipped", "drop_layers", "block_hidden_states", "drop_blocks"]
@@ -70,66 +72,24 @@ def best_contiguous_run(hidden: list[torch.Tensor], n: int) -> tuple[int, float]
     return b, sims[b]
 
 
-def _check_n(n: Any, total: int, what: str) -> int:
-    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n < total:
-        raise ValueError(f"n: expected an int number of {what} to drop in [0, {total - 1}] "
-                         f"(the model has {total}; at least one must stay), got {n!r}")
-    return n
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-@torch.no_grad()
-def _run(model: nn.Module, batches: list) -> None:
-    _validate.token_ids_in_vocab(model, batches)
-    dev = _device(model)
-    for b in batches:
-        _forward(model, {k: torch.as_tensor(v).to(dev) for k, v in b.items()} if isinstance(b, dict) else b.to(dev))
-
-
-def _run_hooked(model: nn.Module, batches: list, hooks: list) -> None:
-    """Run ``batches`` in eval mode, then remove ``hooks`` and restore the mode, even on error."""
-    training = model.training
-    model.eval()
-    try:
-        _run(model, batches)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(training)
-
-
 # -------------------------------------------------------------------------------- expert drop
 @torch.no_grad()
 def expert_scores(model: nn.Module, calib: Any) -> list[torch.Tensor]:
     """Per MoE layer, the mean full-softmax router probability of each expert on ``calib``
     (the ``mean_prob`` of :func:`moe_course.metrics.routing_stats`)."""
     layers = require_moe_layers(model, "trim")
-    xs = _layer_inputs(model, _calib_batches(calib))
+    xs = layer_inputs(model, calib)
     return [torch.softmax(layer.router(x).logits.float(), -1).mean(0) for layer, x in zip(layers, xs)]
 
 
-def _resolve_keep(keep: Any, layers, scope: str) -> int:
-    """Experts kept per layer (scope "layer") or in total (scope "global")."""
-    E = sum(layer.num_experts for layer in layers) if scope == "global" else min(l.num_experts for l in layers)
-    lo = sum(layer.k for layer in layers) if scope == "global" else max(l.k for l in layers)
-    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
-        raise ValueError(f"keep: expected an int number of experts or a fraction in (0, 1], got {keep!r}")
-    n = keep if isinstance(keep, int) else (round(keep * E) if 0 < keep <= 1 else None)
-    if n is None or not lo <= n <= E:
-        where = "in total over all layers" if scope == "global" else "per layer"
-        raise ValueError(f"keep: expected between {lo} (k per layer) and {E} experts {where}, got {keep!r}")
-    return n
-
-
-def drop_experts(model: nn.Module, calib: Any, keep, scope: str = "layer", inplace: bool = False) -> nn.Module:
+def drop_experts(model: nn.Module, keep: int | float | list, *, calib: Any = None, scope: str = "layer",
+                 inplace: bool = False) -> nn.Module:
     """Expert drop: remove the experts with the lowest mean router probability on ``calib``.
 
-    ``scope="layer"``: ``keep`` experts (int, or a fraction of E) in every layer; ``"global"``:
-    ``keep`` experts in total (int, or a fraction of all experts), ranked across layers, with at
-    least ``k`` kept in each layer. Experts and router rows are physically removed.
+    ``scope="layer"``: ``keep`` experts in every layer (an int, a fraction of E, or one value per
+    layer); ``"global"``: ``keep`` experts in total (an int, or a fraction of all experts), ranked
+    across layers, with at least ``k`` kept in each layer. Experts and router rows are physically
+    removed.
     """
     if scope not in SCOPES:
         raise ValueError(f"scope: expected one of {SCOPES}, got {scope!r}")
@@ -137,13 +97,18 @@ def drop_experts(model: nn.Module, calib: Any, keep, scope: str = "layer", inpla
     for layer in layers:
         if not isinstance(layer, SparseMoE):
             raise TypeError(f"model: expert drop needs sparse top-k MoE layers, got {type(layer).__name__}")
-    n = _resolve_keep(keep, layers, scope)
+    if scope == "layer":
+        counts = _validate.keep_per_layer(keep, layers)
+    else:
+        lo, total = sum(layer.k for layer in layers), sum(layer.num_experts for layer in layers)
+        n = _validate.keep_count(keep, total, lo, "experts in total over all layers",
+                                 f"between {lo} (k per layer) and {total}")
     _validate.dense_experts(layers, "drop_experts")
     _validate.router_kind(layers, "drop_experts", ("TopKRouter", "SkippingRouter"))
     _validate.finite_model(model)
     scores = expert_scores(model, calib)
     if scope == "layer":
-        kept = [sorted(s.argsort(descending=True, stable=True)[:n].tolist()) for s in scores]
+        kept = [sorted(s.argsort(descending=True, stable=True)[:c].tolist()) for s, c in zip(scores, counts)]
     else:
         kept = [sorted(s.argsort(descending=True, stable=True)[:layer.k].tolist()) for s, layer in zip(scores, layers)]
         rest = sorted(((float(s[e]), l, e) for l, s in enumerate(scores) for e in range(len(s)) if e not in kept[l]),
@@ -151,10 +116,10 @@ def drop_experts(model: nn.Module, calib: Any, keep, scope: str = "layer", inpla
         for _, l, e in rest[:n - sum(len(k) for k in kept)]:
             kept[l].append(e)
         kept = [sorted(k) for k in kept]
-    model = _out(model, inplace)
+    model = model if inplace else copy.deepcopy(model)
     for layer, ids in zip(moe_layers(model), kept):
         if len(ids) < layer.num_experts:
-            _shrink(layer, ids)
+            keep_experts(layer, ids)
     return model
 
 
@@ -188,7 +153,7 @@ def layer_similarities(model: nn.Module, calib: Any) -> dict[int, float]:
     """``{block index: mean_t cos(h_t, h_t + MoE(Norm(h_t)))}`` for every block with an MoE ``ffn``;
     ``h`` is the residual stream entering the block's FFN norm."""
     require_moe_layers(model, "trim")
-    batches = _calib_batches(calib)
+    batches = calib_batches(calib, model)
     idx = _moe_blocks(model)
     hs = {i: [] for i in idx}
     outs = {i: [] for i in idx}
@@ -197,20 +162,21 @@ def layer_similarities(model: nn.Module, calib: Any) -> dict[int, float]:
         b = model.blocks[i]
         hooks.append(b.ln_ffn.register_forward_pre_hook(lambda m, a, i=i: hs[i].append(a[0].reshape(-1, a[0].shape[-1]))))
         hooks.append(b.ffn.register_forward_hook(lambda m, a, o, i=i: outs[i].append(o.reshape(-1, o.shape[-1]))))
-    _run_hooked(model, batches, hooks)
+    run(model, batches, hooks)
     return {i: residual_similarity(torch.cat(hs[i]), torch.cat(outs[i])) for i in idx}
 
 
-def drop_layers(model: nn.Module, calib: Any, n: int, inplace: bool = False) -> nn.Module:
-    """Layer drop: remove the ``n`` MoE sub-layers with the largest :func:`layer_similarities`
-    (one shot). Each dropped block's ``ffn`` becomes :class:`Skipped` and its ``ln_ffn`` an
-    ``Identity``, so the block computes only its token mixer. The model keeps >= 1 MoE layer."""
+def drop_layers(model: nn.Module, keep: int | float, *, calib: Any = None, inplace: bool = False) -> nn.Module:
+    """Layer drop: keep ``keep`` of the MoE sub-layers (an int, or a fraction of them; at least one)
+    and remove the others, those with the largest :func:`layer_similarities` (one shot). Each
+    dropped block's ``ffn`` becomes :class:`Skipped` and its ``ln_ffn`` an ``Identity``, so the
+    block computes only its token mixer."""
     require_moe_layers(model, "trim")
     idx = _moe_blocks(model)
-    n = _check_n(n, len(idx), "MoE layers")
+    n = len(idx) - _validate.keep_count(keep, len(idx), 1, "MoE layers")
     sims = layer_similarities(model, calib)
     drop = sorted(sorted(sims, key=lambda i: -sims[i])[:n])
-    model = _out(model, inplace)
+    model = model if inplace else copy.deepcopy(model)
     for i in drop:
         model.blocks[i].ffn = Skipped(i)
         model.blocks[i].ln_ffn = nn.Identity()
@@ -225,18 +191,20 @@ def block_hidden_states(model: nn.Module, calib: Any) -> list[torch.Tensor]:
     output of the last one."""
     if not isinstance(getattr(model, "blocks", None), nn.ModuleList) or not len(model.blocks):
         raise TypeError("model: expected a model with .blocks (MoETransformerLM / MoEClassifier)")
-    batches = _calib_batches(calib)
+    batches = calib_batches(calib, model)
     blocks = model.blocks
     store = [[] for _ in range(len(blocks) + 1)]
     hooks = [b.register_forward_pre_hook(lambda m, a, i=i: store[i].append(a[0].reshape(-1, a[0].shape[-1])))
              for i, b in enumerate(blocks)]
     hooks.append(blocks[-1].register_forward_hook(lambda m, a, o: store[-1].append(o.reshape(-1, o.shape[-1]))))
-    _run_hooked(model, batches, hooks)
+    run(model, batches, hooks)
     return [torch.cat(s) for s in store]
 
 
-def drop_blocks(model: nn.Module, calib: Any, n: int, contiguous: bool = False, inplace: bool = False) -> nn.Module:
-    """Block drop: remove ``n`` whole blocks from ``model.blocks``.
+def drop_blocks(model: nn.Module, keep: int | float, *, calib: Any = None, contiguous: bool = False,
+                inplace: bool = False) -> nn.Module:
+    """Block drop: keep ``keep`` whole blocks of ``model.blocks`` (an int, or a fraction of them; at
+    least one) and remove the other ``n``.
 
     ``contiguous=False`` (one shot, as He et al.): the ``n`` blocks with the largest
     ``mean_t cos(h_b, h_{b+1})``; ``contiguous=True``: the run ``b .. b+n-1`` maximising
@@ -245,7 +213,7 @@ def drop_blocks(model: nn.Module, calib: Any, n: int, contiguous: bool = False, 
     require_moe_layers(model, "trim")
     if getattr(model, "blocks", None) is None:
         raise TypeError("model: expected a model with .blocks (MoETransformerLM / MoEClassifier)")
-    n = _check_n(n, len(model.blocks), "blocks")
+    n = len(model.blocks) - _validate.keep_count(keep, len(model.blocks), 1, "blocks")
     hidden = block_hidden_states(model, calib)
     if n == 0:
         drop = []
@@ -255,7 +223,7 @@ def drop_blocks(model: nn.Module, calib: Any, n: int, contiguous: bool = False, 
     else:
         sims = [block_similarity(hidden[b], hidden[b + 1]) for b in range(len(model.blocks))]
         drop = sorted(sorted(range(len(sims)), key=lambda b: -sims[b])[:n])
-    model = _out(model, inplace)
+    model = model if inplace else copy.deepcopy(model)
     model.blocks = nn.ModuleList([b for i, b in enumerate(model.blocks) if i not in drop])
     model.dropped_blocks = drop
     return model

@@ -1,4 +1,4 @@
-"""Exercise checkers, one module per chapter (``grading.ch01`` ...), built on :mod:`.core`."""
+"""Exercise checkers, one module per chapter (``grading.ch01`` for chapter 1 ...), built on :mod:`.core`."""
 
 from .core import CheckFailed, CheckResult, checker, expect, expect_close
 

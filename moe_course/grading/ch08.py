@@ -223,11 +223,11 @@ def real_group() -> dict:
     if not _GROUP:
         from moe_course import zoo
         from moe_course.compress import merging
-        from moe_course.compress.pruning import layer_inputs
+        from moe_course.calib import layer_inputs
         from moe_course.layers import moe_layers
         lm = zoo.pretrained("shakespeare-moe", progress=False).cpu().eval()
         calib = zoo.data("shakespeare-moe")["train"].shuffle(seed=0).select(range(32))
-        merged = moe_layers(merging.merge_experts(lm, calib, 4))[0]
+        merged = moe_layers(merging.merge_experts(lm, 4, calib=calib))[0]
         layer = moe_layers(lm)[0]
         with torch.no_grad():
             x = layer_inputs(lm, calib)[0]

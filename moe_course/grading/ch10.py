@@ -15,9 +15,9 @@ import math
 
 import torch
 
-from moe_course.factorized import LargestIntermediate, cp_mumoe_params, cp_rank_for_budget, entmax15, tr_to_tensor
+from moe_course.factorized import cp_mumoe_params, cp_rank_for_budget, entmax15, tr_to_tensor
 
-from .core import CheckFailed, checker, expect, expect_close
+from .core import CheckFailed, LargestIntermediate, checker, expect, expect_close
 
 __all__ = ["check_entmax15", "check_cp_mumoe_forward", "check_tr_mumoe_forward", "check_cp_rank_for_budget"]
 

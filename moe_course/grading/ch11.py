@@ -13,7 +13,8 @@ import random
 
 import torch
 
-from moe_course.compress.recipes import pareto_frontier, quantize_rest
+from moe_course.compress.quantization import quantize_rest
+from moe_course.compress.recipes import pareto_frontier
 
 from .core import CheckFailed, checker, expect
 
@@ -71,9 +72,10 @@ def check_pareto_frontier(pareto_fn) -> None:
 # Exercise 11.2: a pipeline runner that records true sizes
 # --------------------------------------------------------------------------------------------
 def _tiny_model():
-    from moe_course.models import model_from_config, preset
+    from moe_course.models import model_from_config
+    from moe_course.zoo import preset_configs
 
-    cfg, _ = preset("test", "mnist1d-moe")
+    cfg, _ = preset_configs("test", "mnist1d-moe")
     torch.manual_seed(0)
     return model_from_config(cfg).eval()
 

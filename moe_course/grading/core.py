@@ -1,4 +1,4 @@
-"""The checker machinery behind every exercise's check cell.
+"""The checker machinery behind every exercise's check cell (the exercises of chapters 1 to 11).
 
 A checker takes the student's function, runs it against the package's reference on fixed,
 random and edge-case inputs, and returns a :class:`CheckResult` (also printed, so the check
@@ -56,6 +56,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 PASS, FAIL, NOT_IMPLEMENTED, ERROR, TIMEOUT = "pass", "fail", "not implemented", "error", "timed out"
 STATUSES = (PASS, FAIL, NOT_IMPLEMENTED, ERROR, TIMEOUT)
@@ -121,6 +122,22 @@ def expect_close(actual, expected, hint: str, rtol: float = 1e-4, atol: float = 
     if not torch.allclose(actual_cpu, expected_cpu, rtol=rtol, atol=atol, equal_nan=False):
         gap = (actual_cpu - expected_cpu).abs().max().item()
         raise CheckFailed(f"values differ from the reference (max |diff| = {gap:.3g}). {hint}")
+
+
+class LargestIntermediate(TorchFunctionMode):
+    """Records the largest tensor (in elements) any torch function returns while active: the
+    check that a factorized forward never materialises the expert weight tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if torch.is_tensor(t):
+                self.largest = max(self.largest, t.numel())
+        return out
 
 
 def describe(value: Any) -> str:

@@ -1,4 +1,5 @@
-"""Grade a folder of students' exercise notebooks: the engine behind ``moe-course grade``.
+"""Grade a folder of students' exercise notebooks (the exercises of chapters 1 to 11): the engine
+behind ``moe-course grade``.
 
 Each notebook is executed top to bottom in a **fresh** ``python3`` kernel (nbclient), with a time
 limit per cell and per notebook. The notebook's own check cells
