@@ -16,8 +16,10 @@ same weights (the bridged model's experts are views of the transformers tensors)
 
 Two measurements per token count T: the MoE block of layer 0 alone on ``[1, T, hidden]`` (the only
 code that differs) and the whole model's forward on ``T`` token ids. Rounds are interleaved
-(round-robin over the variants) so machine noise hits all alike; we print the median, the spread
-(min-max) and each variant's median relative to ``course:auto``.
+(round-robin over the variants, the order rotated every round: ``batched_mm``'s gathered weights
+evict the caches and slowed whichever variant ran next by up to 25%) so machine noise hits all
+alike; we print the median, the spread (min-max) and each variant's median relative to
+``course:auto``.
 """
 
 from __future__ import annotations
@@ -77,9 +79,10 @@ def race(model, bridged, cfg, tokens: int, rounds: int, device: torch.device, dt
     with torch.inference_mode():
         for fn in variants.values():  # warm-up
             fn()
-        for _ in range(rounds):
-            for name, fn in variants.items():
-                times[name].append(timed_ms(fn, device))
+        names = list(variants)
+        for i in range(rounds):  # rotate the order: each variant follows each other one equally often
+            for name in names[i % len(names):] + names[:i % len(names)]:
+                times[name].append(timed_ms(variants[name], device))
     model.config._experts_implementation = "grouped_mm"
     return times
 

@@ -120,6 +120,23 @@ def test_from_hf_shares_storage_and_leaves_the_original_alone(arch):
     assert all(hasattr(blk, "experts") and type(blk).__module__.startswith("transformers") for blk in blocks)
 
 
+@pytest.mark.parametrize("arch", ["qwen2_moe", "deepseek_v2"])
+def test_fused_gate_up_fast_path_equals_the_course_dispatch(arch):
+    """At inference the untouched bridged experts run gate and up as one grouped_mm (as transformers
+    does); it computes what the course's dispatch computes, and steps aside once experts are copied."""
+    from moe_course.dispatch import dispatch
+
+    layer = moe_layers(hf.from_hf(original(arch)))[0]
+    x = torch.randn(40, layer.d_model, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        r = layer.router(x)
+        fast = layer._fused_grouped(x, r)
+        assert fast is not None
+        close(fast, dispatch(x, r.weights, r.indices, layer.experts, "grouped"))
+        assert copy.deepcopy(layer)._fused_grouped(x, r) is None  # its own storage per tensor now
+    assert layer._fused_grouped(x, r) is None  # gradients wanted: the course's dispatch
+
+
 def test_from_hf_generates_like_the_original():
     m = original("mixtral")
     b = hf.from_hf(m)
