@@ -6,6 +6,7 @@ exercises, check the environment, print the compression table, grade students' n
     moe-course doctor                           # environment problems (codecs, torch, kernel, cache) + fixes
     moe-course table --model NAME [--quick]     # compression comparison: table, CSV, PNG frontier
     moe-course grade PATH... [--out DIR]        # run students' notebooks, collect the check results
+    moe-course execute NOTEBOOK...              # re-execute chapters/solutions in place, figures kept
     moe-course --version
 
 Exit codes (every command):
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import platform
 import subprocess
@@ -113,6 +115,52 @@ def _cmd_book(args: argparse.Namespace) -> int:
     env.setdefault("MPLBACKEND", "Agg")
     print("$ jupyter-book " + " ".join(cmd[3:]), flush=True)
     return subprocess.call(cmd, env=env)
+
+
+def _cmd_execute(args: argparse.Namespace) -> int:
+    """Execute notebooks in place, top to bottom, in a fresh kernel of THIS interpreter.
+
+    The stored outputs are what the website shows, so figures must be kept: matplotlib's inline
+    backend is forced (an inherited ``MPLBACKEND=Agg`` once left every chapter without figures).
+    """
+    try:
+        nbformat = importlib.import_module("nbformat")
+        nbclient = importlib.import_module("nbclient")
+    except ImportError:
+        raise UsageError('nbclient is not installed: install the [dev] extra, e.g. pip install -e ".[dev]"') from None
+    paths = [Path(p) for p in args.notebooks]
+    for p in paths:
+        if p.suffix != ".ipynb" or not p.is_file():
+            raise UsageError(f"NOTEBOOK must be an existing .ipynb file, got {str(p)!r}")
+    import tempfile
+    import time
+
+    kernels = Path(tempfile.mkdtemp(prefix="moe-course-kernel-"))
+    spec = kernels / "kernels" / "python3"
+    spec.mkdir(parents=True)
+    (spec / "kernel.json").write_text(json.dumps(
+        {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+         "display_name": "Python 3", "language": "python"}))
+    os.environ["JUPYTER_PATH"] = os.pathsep.join([str(kernels)] + [
+        p for p in os.environ.get("JUPYTER_PATH", "").split(os.pathsep) if p])
+    os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
+    os.environ["TQDM_DISABLE"] = "1"
+    failed = 0
+    for p in paths:
+        nb = nbformat.read(p, as_version=4)
+        t0 = time.perf_counter()
+        client = nbclient.NotebookClient(nb, timeout=args.timeout, kernel_name="python3",
+                                         resources={"metadata": {"path": str(p.parent)}})
+        try:
+            client.execute()
+        except Exception as exc:  # noqa: BLE001 - report and go on with the next notebook
+            failed += 1
+            print(f"FAILED {p}: {type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}", flush=True)
+            continue
+        nb.metadata.get("kernelspec", {})["display_name"] = "Python 3"
+        nbformat.write(nb, p)
+        print(f"executed {p} in {time.perf_counter() - t0:.1f} s", flush=True)
+    return 1 if failed else 0
 
 
 def _cmd_exercises(args: argparse.Namespace) -> int:
@@ -452,6 +500,18 @@ def _parser() -> argparse.ArgumentParser:
     table.add_argument("--x", default="bytes", choices=("bytes", "latency_ms"),
                        help="x axis of the frontier plot (default: bytes)")
     table.set_defaults(func=_cmd_table)
+
+    execute = sub.add_parser(
+        "execute",
+        help="re-execute notebooks in place (chapters, solutions), keeping their figures",
+        description="Execute each notebook top to bottom in a fresh python3 kernel of this interpreter and "
+                    "write it back with its outputs, figures included (matplotlib's inline backend is forced).",
+        epilog=EXIT_CODES.format(extra0="", extra1="a notebook failed (it is left unchanged)"),
+        formatter_class=fmt,
+    )
+    execute.add_argument("notebooks", nargs="+", metavar="NOTEBOOK", help=".ipynb files")
+    execute.add_argument("--timeout", type=int, default=900, metavar="S", help="seconds per cell (default: 900)")
+    execute.set_defaults(func=_cmd_execute)
 
     grade = sub.add_parser(
         "grade",
