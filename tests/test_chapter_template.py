@@ -143,6 +143,29 @@ def test_code_is_what_the_reader_needs(chapter):
     assert not problems, f"{chapter.name}:\n  " + "\n  ".join(problems)
 
 
+def _png_width(b64: str) -> int:
+    import base64
+    import struct
+
+    return struct.unpack(">I", base64.b64decode(b64[:64])[16:20])[0]
+
+
+def test_figures_are_readable_at_page_width(chapter):
+    """The column is about 800 px wide: a wider figure is scaled down and its 10 pt text with it;
+    a dpi under 100 shrinks the text too (the course style sets 100 dpi and 10 pt)."""
+    problems = []
+    for i, c in enumerate(_cells(chapter)):
+        if c["cell_type"] != "code":
+            continue
+        if re.search(r"dpi\s*=\s*[1-9][0-9]?\b", "".join(c["source"])):
+            problems.append(f"cell {i}: dpi under 100")
+        for o in c.get("outputs", []):
+            png = o.get("data", {}).get("image/png")
+            if png and _png_width(png) > 800:
+                problems.append(f"cell {i}: a figure {_png_width(png)} px wide (at most 800)")
+    assert not problems, f"{chapter.name}:\n  " + "\n  ".join(problems)
+
+
 def test_figures_are_stored(chapter):
     """A chapter that plots must carry its figures (an executor with MPLBACKEND=Agg stores none)."""
     cells = _cells(chapter)
