@@ -29,6 +29,7 @@ Conventions (chapter 3 explains them; every later chapter's numbers use them):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import html
 import math
@@ -56,6 +57,8 @@ __all__ = [
     "format_count",
     "LatencyResult",
     "latency",
+    "latency_race",
+    "speedup_verdict",
     "timed_ms",
     "LayerRoutingStats",
     "RoutingStats",
@@ -439,6 +442,74 @@ def latency(
         device=str(dev),
         times_ms=times,
     )
+
+
+def latency_race(
+    models: Mapping[str, nn.Module | Callable[[], Any]],
+    batch: torch.Tensor | Mapping[str, torch.Tensor] | None,
+    rounds: int = 15,
+    warmup: int = 2,
+    device: torch.device | str | None = None,
+) -> dict[str, LatencyResult]:
+    """Time several models on one batch in **interleaved** rounds: each round runs every model
+    once, in a rotated order, so that machine noise (another process, clock changes) hits them
+    all alike. Returns ``{name: LatencyResult}`` in the given order.
+
+    Sequential timing (all of A, then all of B) can move a result by 20 % on a shared machine;
+    interleaving and reporting p10-p90 is what makes a side-by-side verdict honest (see
+    :func:`speedup_verdict`). A value may be a zero-argument callable (then ``batch`` is ignored).
+    """
+    if not isinstance(models, Mapping) or not models:
+        raise TypeError("models: expected a non-empty mapping name -> nn.Module or callable")
+    _validate.positive_int("rounds", rounds)
+    names = list(models)
+    runs: dict[str, Callable[[], Any]] = {}
+    contexts = []
+    with contextlib.ExitStack() as stack, torch.inference_mode():
+        for name in names:
+            m = models[name]
+            if isinstance(m, nn.Module):
+                dev = stack.enter_context(evaluating(m, device))
+                moved = to_device(batch, dev)
+                runs[name] = (lambda m=m, moved=moved: forward(m, moved))
+                contexts.append(dev)
+            elif callable(m):
+                runs[name] = m
+                contexts.append(torch.device(device) if device is not None else torch.device("cpu"))
+            else:
+                raise TypeError(f"models[{name!r}]: expected an nn.Module or a callable, got {type(m).__name__}")
+        devs = dict(zip(names, contexts))
+        for _ in range(warmup):
+            for name in names:
+                runs[name]()
+        times: dict[str, list[float]] = {n: [] for n in names}
+        for r in range(rounds):
+            order = names[r % len(names):] + names[:r % len(names)]
+            for name in order:
+                times[name].append(timed_ms(runs[name], devs[name]))
+    out = {}
+    for name in names:
+        ordered = sorted(times[name])
+        median = statistics.median(ordered)
+        tokens = 0 if not isinstance(models[name], nn.Module) else count_tokens(batch)
+        out[name] = LatencyResult(
+            median_ms=median, p10_ms=_quantile(ordered, 0.1), p90_ms=_quantile(ordered, 0.9),
+            mean_ms=statistics.fmean(ordered), tokens=int(tokens),
+            tokens_per_s=tokens / (median / 1e3) if tokens and median > 0 else 0.0,
+            repeats=rounds, device=str(devs[name]), times_ms=times[name])
+    return out
+
+
+def speedup_verdict(base: LatencyResult, other: LatencyResult) -> str:
+    """``"1.83x faster"``, ``"1.40x slower"`` or ``"no measurable difference"``: a verdict only
+    when the two p10-p90 ranges do not overlap, so that a difference inside the noise is never
+    called a speed-up."""
+    ratio = base.median_ms / other.median_ms if other.median_ms > 0 else float("inf")
+    if other.p90_ms < base.p10_ms:
+        return f"{ratio:.2f}x faster"
+    if other.p10_ms > base.p90_ms:
+        return f"{1 / ratio:.2f}x slower"
+    return "no measurable difference"
 
 
 # --------------------------------------------------------------------------------------------

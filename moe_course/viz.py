@@ -26,6 +26,7 @@ __all__ = [
     "COURSE_STYLE",
     "PALETTE",
     "use_course_style",
+    "table",
     "plot_architecture",
     "plot_expert_utilization",
     "plot_routing_heatmap",
@@ -61,6 +62,32 @@ COURSE_STYLE: dict[str, Any] = {
 def use_course_style() -> None:
     """Apply :data:`COURSE_STYLE` to the global ``rcParams`` (dpi 100, light grid, small fonts)."""
     plt.rcParams.update(COURSE_STYLE)
+
+
+def table(df: Any, digits: int | Mapping[str, int] = 3, index: bool = False, caption: str | None = None):
+    """A DataFrame as the book shows results: an HTML table (it wraps, never clips), numbers
+    formatted to ``digits`` decimals (per column with a mapping; integers get thousands
+    separators), no meaningless 0..n index unless ``index=True``. Returns a pandas ``Styler``:
+    the last expression of a cell, or ``display(viz.table(df))``."""
+    import pandas as pd
+
+    if not isinstance(df, pd.DataFrame):
+        raise TypeError(f"df: expected a pandas DataFrame, got {type(df).__name__}")
+    fmt = {}
+    for col in df.columns:
+        if pd.api.types.is_bool_dtype(df[col]):
+            continue
+        if pd.api.types.is_integer_dtype(df[col]):
+            fmt[col] = "{:,}"
+        elif pd.api.types.is_float_dtype(df[col]):
+            n = digits.get(col, 3) if isinstance(digits, Mapping) else digits
+            fmt[col] = f"{{:,.{n}f}}"
+    styler = df.style.format(fmt, na_rep="–")
+    if not index:
+        styler = styler.hide(axis="index")
+    if caption:
+        styler = styler.set_caption(caption)
+    return styler
 
 
 def _styled(fn):

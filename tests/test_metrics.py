@@ -308,3 +308,29 @@ def test_compare_with_default_evaluate_on_zoo_models():
     rep = metrics.size_report(m)
     assert rep.context_length == cfg.context_length
     assert rep.attention_flops_per_token == 2 * cfg.n_layers * cfg.context_length * cfg.d_model
+
+
+def test_latency_race_interleaves_and_the_verdict_respects_the_noise():
+    import time as _time
+
+    from moe_course.metrics import latency_race, speedup_verdict
+
+    order = []
+    slow = lambda: (order.append("slow"), _time.sleep(0.004))  # noqa: E731
+    fast = lambda: (order.append("fast"), _time.sleep(0.0005))  # noqa: E731
+    res = latency_race({"slow": slow, "fast": fast}, None, rounds=6, warmup=0)
+    assert list(res) == ["slow", "fast"] and res["slow"].repeats == 6
+    assert order[:4] == ["slow", "fast", "fast", "slow"]  # the order rotates every round
+    assert speedup_verdict(res["slow"], res["fast"]).endswith("x faster")
+    assert speedup_verdict(res["fast"], res["slow"]).endswith("x slower")
+    assert speedup_verdict(res["slow"], res["slow"]) == "no measurable difference"
+
+
+def test_latency_race_times_models_on_one_batch():
+    from moe_course.metrics import latency_race
+
+    a, b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+    res = latency_race({"a": a, "b": b}, torch.randn(4, 8), rounds=3, warmup=1)
+    assert all(r.median_ms > 0 and len(r.times_ms) == 3 for r in res.values())
+    with pytest.raises(TypeError, match="models"):
+        latency_race({}, torch.randn(4, 8))

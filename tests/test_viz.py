@@ -179,3 +179,16 @@ def test_use_course_style_sets_rcparams():
     before = dict(plt.rcParams)
     close(viz.plot_race({"a": 1.0}))
     assert plt.rcParams["axes.grid"] == before["axes.grid"]  # plotting leaves globals alone
+
+
+def test_table_formats_numbers_and_hides_the_index():
+    import pandas as pd
+
+    from moe_course import viz
+
+    df = pd.DataFrame({"model": ["a", "b"], "bytes": [1234567, 89], "ppl": [6.85712, 7.1]})
+    html = viz.table(df, digits={"ppl": 2}).to_html()
+    assert "1,234,567" in html and "6.86" in html and "6.85712" not in html
+    assert ">0<" not in html  # no 0..n index column
+    with pytest.raises(TypeError, match="df"):
+        viz.table([1, 2])
