@@ -29,12 +29,13 @@ technique                                   size target  what an int / a float i
 ``lowrank.share_experts``                   ``keep``     singular values of each expert's delta from the shared base
 ``quantization.quantize``                   ``bits``     bits per expert weight (one value, per layer, or per expert)
 ``quantization.quantize_rest``              ``bits``     bits per weight of the non-expert layers
+``gptq.gptq`` (``calib``)                   ``bits``     bits per expert weight, rounding chosen by GPTQ
 ==========================================  ===========  ====================================================
 
 ``distillation.train_student`` is not a transform: knowledge distillation is training. It trains
 the student it is given in place (towards a teacher) and returns it. ``recipes.pipeline`` chains
 the transforms (and a distillation step) and measures every stage.
 
-Modules: ``pruning``, ``quantization``, ``distillation``, ``lowrank``, ``merging``, ``trimming``,
+Modules: ``pruning``, ``quantization``, ``gptq``, ``distillation``, ``lowrank``, ``merging``, ``trimming``,
 ``recipes``. Nothing heavy is imported here.
 """
