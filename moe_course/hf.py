@@ -895,7 +895,11 @@ def _to_hf(model: nn.Module, *, materialize: bool, inplace: bool, placeholder: b
     out.__class__ = _original_class(out)
     for attr in ("dropped_blocks", "dropped_layers"):
         out.__dict__.pop(attr, None)
-    out.eval()
+    # eval mode without PreTrainedModel.train(): with the `kernels` package installed and kernels in
+    # use, it re-kernelizes on the device of the first parameter, which is "meta" for the
+    # placeholders of the packed format (a quantized embedding) and raises
+    for m in out.modules():
+        m.training = False
     return out
 
 
