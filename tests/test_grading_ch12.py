@@ -78,7 +78,7 @@ def test_fast_alternatives_pass(entry):
 
 @pytest.mark.slow
 def test_disk_recipe_both_ways():
-    """The whole method on the chapter's Mixtral: a 4-bit-everything recipe passes, experts-only fails."""
-    assert run(ch12.check_disk_recipe, m12.recipe_four_bit_everything).status == PASS
+    """The whole method on the chapter's Mixtral: NAEE + the chapter 11 recipe passes, experts-only fails."""
+    assert run(ch12.check_disk_recipe, m12.recipe_pipeline).status == PASS
     weak = run(ch12.check_disk_recipe, m12.recipe_experts_only)
     assert weak.status == FAIL and "quantize_rest" in weak.message

@@ -167,8 +167,8 @@ def check_memory_gib(memory_gib) -> None:
 # --------------------------------------------------------------------------------------------
 # Exercise 12.3: a compression of the chapter's Mixtral that survives the file round trip
 # --------------------------------------------------------------------------------------------
-DISK_RATIO = 6.0   # at least this much smaller on disk than the fp32 checkpoint
-PPL_BUDGET = 5.0   # at most this % higher validation perplexity
+DISK_RATIO = 7.5   # at least this much smaller on disk than the fp32 checkpoint
+PPL_BUDGET = 2.0   # at most this % higher validation perplexity
 _VAL_BLOCKS = 64
 
 
@@ -186,11 +186,14 @@ def _disk(path: Path) -> int:
     return sum(f.stat().st_size for f in path.iterdir() if f.suffix == ".safetensors")
 
 
-@checker("Exercise 12.3: 6x smaller on disk, at most +5 % perplexity, reloadable", timeout=600)
+@checker("Exercise 12.3: 7.5x smaller on disk, at most +2 % perplexity, reloadable", timeout=600)
 def check_disk_recipe(compress) -> None:
     from moe_course import hf
     from moe_course.train import evaluate
 
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
     bridged, calib, val = _setup()
     ppl = lambda m: evaluate(hf.logits_only(m), val, batch_size=64)["perplexity"]  # noqa: E731
     out = compress(copy.deepcopy(bridged), calib)

@@ -126,13 +126,22 @@ def memory_active_only(cfg, expert_bits, group_size=32, rest_bytes=2):
 
 # ------------------------------------------------------------------ 12.3 compress (whole method)
 @M.right("check_disk_recipe")
-def recipe_four_bit_everything(model, calib):
-    """4-bit experts and attention, 8-bit embeddings and head, through the pipeline."""
+def recipe_pipeline(model, calib):
+    """NAEE keeps 7 of 8 experts, then 3-bit experts, 4-bit attention, 8-bit embeddings, as a pipeline."""
     from moe_course.compress import recipes
 
-    steps = [("quantize", {"bits": 4, "group_size": 32}),
+    steps = [("prune", {"keep": 7, "method": "naee"}), ("quantize", {"bits": 3, "group_size": 32}),
              ("quantize_rest", {"bits": 4, "group_size": 32, "embedding_bits": 8})]
     return recipes.pipeline(model, steps, calib=calib).model
+
+
+@M.wrong("check_disk_recipe", "7.5x")
+def recipe_chapter_11(model, calib):
+    """The chapter's recipe as it stands: 3-bit experts, 4-bit attention, 8-bit embeddings."""
+    from moe_course.compress import quantization
+
+    m = quantization.quantize(model, 3, group_size=32)
+    return quantization.quantize_rest(m, 4, group_size=32, embedding_bits=8)
 
 
 @M.wrong("check_disk_recipe", "quantize_rest")
@@ -171,7 +180,7 @@ def recipe_plain_transformers(model, calib):
     return hf.to_hf(trimming.drop_experts(model, 6, calib=calib))
 
 
-@M.wrong("check_disk_recipe", "6x")
+@M.wrong("check_disk_recipe", "7.5x")
 def recipe_fake_quant(model, calib):
     """Fake-quantized in place: dense fp32 tensors, nothing smaller on disk."""
     import torch
