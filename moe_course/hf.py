@@ -130,7 +130,8 @@ from .dispatch import STRATEGIES, capacity_mask, dispatch as _dispatch, resolve_
 from .layers import CompressedExperts, Experts, SparseMoE, TopKRouter, moe_layers
 
 __all__ = ["ARCHITECTURES", "HFSparseMoE", "from_hf", "to_hf", "is_bridged", "save_pretrained",
-           "from_pretrained", "LogitsOnly", "logits_only", "PACKED_FORMAT"]
+           "from_pretrained", "LogitsOnly", "logits_only", "PACKED_FORMAT",
+           "unquantized_shared_experts"]
 
 PACKED_FORMAT = "moe-course-packed"
 PACKED_VERSION = 1
@@ -246,6 +247,10 @@ class HFSparseMoE(SparseMoE):
             self._record(r)
         else:  # the aux losses only serve training
             self.last_routing, self.aux_losses = r.detach(), {}
+            seen = (id(self.experts), id(self.shared))  # a copy (quantize deep-copies) checks again
+            if self.__dict__.get("_shared_checked") != seen:
+                self.__dict__["_shared_checked"] = seen
+                _warn_unquantized_shared([(getattr(self, "hf_path", "a bridged MoE block"), self)])
         return y.reshape(x.shape)
 
     def _fused_grouped(self, x: torch.Tensor, r) -> torch.Tensor | None:
@@ -290,6 +295,31 @@ class HFSparseMoE(SparseMoE):
     def extra_repr(self) -> str:
         extra = f", routed_scale={self.routed_scale:g}" if self.routed_scale != 1.0 else ""
         return super().extra_repr() + extra + (", shared_gate=sigmoid" if self.shared_gate is not None else "")
+
+
+def _unquantized_shared(blocks) -> list[str]:
+    """Names of the blocks whose routed experts are quantized while their shared experts are not."""
+    return [name for name, b in blocks
+            if isinstance(b, SparseMoE) and type(b.experts).__name__ == "QuantizedExperts"
+            and b.shared is not None and type(b.shared).__name__ != "QuantizedExperts"]
+
+
+def _warn_unquantized_shared(blocks) -> None:
+    names = _unquantized_shared(blocks)
+    if names:
+        warnings.warn(
+            f"quantize: the shared experts of {', '.join(names)} stay in full precision (only the routed experts "
+            "were quantized; targets='experts'); they run on every token and their bytes count in full: pass "
+            "targets='all' to quantize them too", UserWarning, stacklevel=3)
+
+
+def unquantized_shared_experts(model: nn.Module) -> list[str]:
+    """Module names of the bridged MoE blocks of ``model`` whose routed experts are quantized but
+    whose shared experts (Qwen2-MoE ``shared_expert``, DeepSeek ``shared_experts``) are still full
+    precision, as ``quantize(model, bits)`` leaves them (``targets="experts"``). A bridged model
+    warns once per block, naming it, on its first forward in eval mode, and
+    :func:`save_pretrained` warns naming all of them."""
+    return _unquantized_shared((n, m) for n, m in model.named_modules() if isinstance(m, HFSparseMoE))
 
 
 def _param(t: torch.Tensor, like: torch.Tensor) -> nn.Parameter:
@@ -521,10 +551,11 @@ def from_hf(model: nn.Module, *, dispatch: str = "auto", inplace: bool = False) 
         raise ValueError(f"model: no MoE block found in {type(model).__name__} (decoder attribute {arch.block!r})")
     out = model if inplace else _share_copy(model)
     names = {"ffn": arch.block, "ln_ffn": "post_attention_layernorm"}
-    for layer in _base(out).layers:
+    for i, layer in enumerate(_base(out).layers):
         block = getattr(layer, arch.block, None)
         if block is not None and _is_moe_block(block, arch):
             setattr(layer, arch.block, _bridge_block(block, kind, arch, out.config, dispatch))
+            getattr(layer, arch.block).hf_path = f"model.layers.{i}.{arch.block}"  # names it in warnings
         layer.__class__ = _bridged_class(type(layer), _BridgedLayer, names)
     out.__class__ = _bridged_class(type(out), _BridgedModel)
     return out
@@ -864,7 +895,11 @@ def _to_hf(model: nn.Module, *, materialize: bool, inplace: bool, placeholder: b
     out.__class__ = _original_class(out)
     for attr in ("dropped_blocks", "dropped_layers"):
         out.__dict__.pop(attr, None)
-    out.eval()
+    # eval mode without PreTrainedModel.train(): with the `kernels` package installed and kernels in
+    # use, it re-kernelizes on the device of the first parameter, which is "meta" for the
+    # placeholders of the packed format (a quantized embedding) and raises
+    for m in out.modules():
+        m.training = False
     return out
 
 
@@ -904,6 +939,7 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, **kwarg
     if not is_bridged(model):
         raise TypeError(f"model: expected a model returned by moe_course.hf.from_hf, got {type(model).__name__}")
     packed = _packed_modules(model)
+    _warn_unquantized_shared((n, m) for n, m in model.named_modules() if isinstance(m, HFSparseMoE))
     if not packed:
         to_hf(model).save_pretrained(save_directory, **kwargs)
         return

@@ -382,3 +382,27 @@ def test_distill_recovers_a_bridged_student():
             alpha=1.0, progress=False)
     assert gap() < 0.9 * before  # trained in place, towards the teacher
     assert hf.is_bridged(student) and all(type(l.experts) is Experts for l in moe_layers(student))
+
+
+# ------------------------------------------------------------------------------------------------
+# shared experts left in full precision are named (chapter 12)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["qwen2_moe", "deepseek_v2"])
+def test_quantizing_routed_experts_only_names_the_unquantized_shared_experts(arch, tmp_path):
+    model = bridged(arch)
+    q = quantization.quantize(model, 4, group_size=8)  # targets="experts": shared experts stay fp32
+    names = hf.unquantized_shared_experts(q)
+    assert names and all(n.startswith("model.layers.") for n in names)
+    with pytest.warns(UserWarning, match=r"shared experts of model\.layers\.\d+\.mlp.*targets='all'"):
+        logits(q)  # the first forward in eval mode names them
+    with pytest.warns(UserWarning, match="stay in full precision") as record:
+        hf.save_pretrained(q, tmp_path / "q")
+    assert all(n in str(record[0].message) for n in names)
+    everything = quantization.quantize(model, 4, group_size=8, targets="all")
+    assert hf.unquantized_shared_experts(everything) == []
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        logits(everything)
+        logits(quantization.quantize(bridged("mixtral"), 4, group_size=8))  # no shared experts: silent
