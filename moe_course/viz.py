@@ -27,6 +27,7 @@ __all__ = [
     "PALETTE",
     "use_course_style",
     "table",
+    "Table",
     "plot_architecture",
     "plot_expert_utilization",
     "plot_routing_heatmap",
@@ -64,11 +65,30 @@ def use_course_style() -> None:
     plt.rcParams.update(COURSE_STYLE)
 
 
-def table(df: Any, digits: int | Mapping[str, int] = 3, index: bool = False, caption: str | None = None):
-    """A DataFrame as the book shows results: an HTML table (it wraps, never clips), numbers
-    formatted to ``digits`` decimals (per column with a mapping; integers get thousands
-    separators), no meaningless 0..n index unless ``index=True``. Returns a pandas ``Styler``:
-    the last expression of a cell, or ``display(viz.table(df))``."""
+class Table:
+    """A formatted results table: HTML in notebooks and on the website (it wraps, never clips),
+    the same numbers as aligned text in a terminal. ``.styler`` is the pandas ``Styler``."""
+
+    def __init__(self, styler: Any, text: str):
+        self.styler, self._text = styler, text
+
+    def _repr_html_(self) -> str:
+        return self.styler.to_html()
+
+    def __repr__(self) -> str:
+        return self._text
+
+    def to_html(self) -> str:
+        return self.styler.to_html()
+
+
+def table(df: Any, digits: int | Mapping[str, int] = 3, index: bool = False, caption: str | None = None) -> Table:
+    """A DataFrame as the book shows results: numbers formatted to ``digits`` decimals (per column
+    with a mapping; integers get thousands separators), no meaningless 0..n index unless
+    ``index=True``. Make it the last expression of a cell, or ``display(viz.table(df))``. The HTML
+    is deterministic (its element ids come from the content), so notebooks can check it."""
+    import hashlib
+
     import pandas as pd
 
     if not isinstance(df, pd.DataFrame):
@@ -82,12 +102,17 @@ def table(df: Any, digits: int | Mapping[str, int] = 3, index: bool = False, cap
         elif pd.api.types.is_float_dtype(df[col]):
             n = digits.get(col, 3) if isinstance(digits, Mapping) else digits
             fmt[col] = f"{{:,.{n}f}}"
-    styler = df.style.format(fmt, na_rep="–")
+    uid = hashlib.sha1(df.to_csv().encode() + repr(sorted(fmt.items())).encode()).hexdigest()[:10]
+    styler = df.style.format(fmt, na_rep="–").set_uuid(uid)
     if not index:
         styler = styler.hide(axis="index")
     if caption:
         styler = styler.set_caption(caption)
-    return styler
+    shown = df.copy()
+    for col, f in fmt.items():
+        shown[col] = [("–" if pd.isna(v) else f.format(v)) for v in df[col]]
+    text = shown.to_string(index=index)
+    return Table(styler, (caption + "\n" if caption else "") + text)
 
 
 def _styled(fn):

@@ -77,8 +77,8 @@ def test_title_learning_goals_and_prerequisites(chapter):
     goals = _admonitions(md, "Learning goals")
     assert goals and re.search(r"^\s*[-*] ", goals[0], re.M), (
         f"{chapter.name}: needs a 'Learning goals' admonition with a list")
-    prereq = re.search(r"^\*\*Prerequisites:?\*\*:?(.*)$", md, re.M)
-    assert prereq, f"{chapter.name}: needs a '**Prerequisites:**' line"
+    prereq = re.search(r"^\*\*Prerequisites:?\*\*:?(.*?)(?:\n\s*\n|\Z)", md, re.M | re.S)
+    assert prereq, f"{chapter.name}: needs a '**Prerequisites:**' paragraph"
     assert "notation" in prereq.group(1), f"{chapter.name}: the prerequisites line links the notation page"
 
 

@@ -190,5 +190,7 @@ def test_table_formats_numbers_and_hides_the_index():
     html = viz.table(df, digits={"ppl": 2}).to_html()
     assert "1,234,567" in html and "6.86" in html and "6.85712" not in html
     assert ">0<" not in html  # no 0..n index column
+    assert viz.table(df, digits={"ppl": 2}).to_html() == html  # deterministic ids
+    assert "1,234,567" in repr(viz.table(df)) and "0x" not in repr(viz.table(df))
     with pytest.raises(TypeError, match="df"):
         viz.table([1, 2])

@@ -1,6 +1,6 @@
 """Plausible wrong answers ("mutants") and correct alternatives for every exercise.
 
-Each chapter module (``ch01`` ... ``ch11``) registers functions with :func:`wrong` (a mistake a
+Each chapter module (``ch01``, ``ch02``, ...) registers functions with :func:`wrong` (a mistake a
 student would make, with the words the grader's hint must contain) or :func:`right` (a correct
 solution written differently from the one in ``solutions/``). ``tests/test_grader_mutations.py``
 runs every registered function through its exercise's checker: mutants must be rejected with a
@@ -13,7 +13,10 @@ import importlib
 from dataclasses import dataclass
 from typing import Callable
 
-CHAPTERS = [f"ch{n:02d}" for n in range(1, 12)]
+from pathlib import Path
+
+# one mutant module per chapter that has a grader (moe_course/grading/chNN.py)
+CHAPTERS = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "moe_course" / "grading").glob("ch[0-9][0-9].py"))
 
 
 @dataclass(frozen=True)
