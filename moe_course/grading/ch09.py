@@ -26,7 +26,7 @@ __all__ = ["check_residual_similarity", "check_best_contiguous_run", "check_run_
 
 
 # --------------------------------------------------------------------------------------------
-# Exercise 9.1: residual similarity of an MoE sub-layer
+# The layer-drop similarity of an MoE sub-layer (an earlier exercise, still available)
 # --------------------------------------------------------------------------------------------
 def _sim_variants(h: torch.Tensor, out: torch.Tensor) -> dict[str, float]:
     h, out = h.double(), out.double()
@@ -62,7 +62,7 @@ def _as_float(v, desc):
     return float(v)
 
 
-@checker("Exercise 9.1: residual similarity")
+@checker("Layer drop: residual similarity")
 def check_residual_similarity(residual_similarity_fn) -> None:
     g = torch.Generator().manual_seed(9)
     h0 = torch.randn(12, 6, generator=g)
@@ -84,7 +84,7 @@ def check_residual_similarity(residual_similarity_fn) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Exercise 9.2: best contiguous run of blocks to drop
+# Exercise 9.1: best contiguous run of blocks to drop
 # --------------------------------------------------------------------------------------------
 def _mean_cos(a, b):
     return float(F.cosine_similarity(a.double(), b.double(), dim=-1).mean())
@@ -126,7 +126,8 @@ def _tie_case():
     return [h.clone() for _ in range(5)], 2
 
 
-@checker("Exercise 9.2: best contiguous run of blocks")
+@checker("Exercise 9.1: best contiguous run of blocks",
+         forbid=("moe_course.compress.trimming.best_contiguous_run",))
 def check_best_contiguous_run(best_run_fn) -> None:
     tie_hidden, tie_n = _tie_case()
     for hidden, n in _hidden_cases() + [(tie_hidden, tie_n)]:

@@ -93,6 +93,12 @@ def run_misses_last_start(hidden, n):
 
 
 
+@M.wrong("check_best_contiguous_run", "package's own")
+def run_by_package(hidden, n):
+    """Calls the package's best_contiguous_run."""
+    return T.best_contiguous_run(hidden, n)[0]
+
+
 # ------------------------------------------------------------------ 9.2 run_drop_perplexity
 def _best(model, calib, n, pick=max):
     hidden = T.block_hidden_states(model, calib)
