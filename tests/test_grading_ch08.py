@@ -79,3 +79,17 @@ def test_merge_unnormalised_caught():
 def test_merge_zero_frequencies_caught():
     r = run(ch08.check_frequency_weighted_merge, lambda w, f: torch.tensordot(f / f.sum(), w, dims=1))
     assert r.status in (FAIL, ERROR) and "0/0" in r.message
+
+
+# ---------------------------------------------------------------- Exercise 8.3 (whole method)
+def test_merge_model_both_ways():
+    """Graded on the trained Shakespeare model: M-SMoE written by hand reaches the target; a weak
+    attempt (plain averaging of the same groups) misses it with a hint that names it."""
+    import mutants.ch08 as mut
+
+    from moe_course.grading import ch08
+
+    ok = run(ch08.check_merge_model, lambda model, calib, G: mut._merge_model(model, calib, G))
+    assert ok.status == PASS, ok.message
+    weak = run(ch08.check_merge_model, mut.merge_model_plain)
+    assert weak.status == FAIL and "plain averaging" in weak.message, weak.message

@@ -1,4 +1,6 @@
-"""Checkers for chapter 8, merging experts: neuron matching and frequency-weighted merging.
+"""Checkers for chapter 8, merging experts: neuron matching by activations (8.1), one real group
+merged by hand (8.2, "use it"), and a whole merging method for every layer of the Shakespeare
+model, graded on perplexity against frequency pruning at the same number of experts (8.3).
 
 Each checker compares the student's function with the package's reference
 (:func:`moe_course.compress.merging.match_neurons` and
@@ -16,8 +18,8 @@ from moe_course.compress.merging import frequency_weighted_merge, match_neurons
 
 from .core import CheckFailed, checker, describe, expect
 
-__all__ = ["check_match_by_activations", "check_merge_group", "real_group",
-           "check_match_neurons", "check_frequency_weighted_merge"]
+__all__ = ["check_match_by_activations", "check_merge_group", "real_group", "check_merge_model",
+           "shakespeare", "check_match_neurons", "check_frequency_weighted_merge"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -358,3 +360,117 @@ def check_merge_group(merge_fn) -> None:
     print(f"shakespeare-moe layer 0, group {grp['members']} (freqs {[round(float(f), 3) for f in grp['freqs']]}): "
           f"max |yours - merge_experts| = {gap:.2e}; relative distance of the merged w_in to each member (before "
           f"alignment): {[round(d, 3) for d in dist]}")
+
+
+
+# --------------------------------------------------------------------------------------------
+# Exercise 8.3 (whole method): merge every layer, beat frequency pruning at equal experts
+# --------------------------------------------------------------------------------------------
+_LM: dict = {}
+VAL_SEQUENCES = 128
+TARGET = 0.95   # at most 95 % of frequency pruning's perplexity
+GROUPS = 4      # of 8 experts per layer
+
+
+def shakespeare():
+    """``(model, calib, val)``: a fresh copy of the trained ``shakespeare-moe`` model (CPU, eval), the
+    chapter's calibration set (32 training sequences, seed 0) and the first ``VAL_SEQUENCES``
+    validation sequences."""
+    import copy
+
+    if not _LM:
+        from moe_course import zoo
+
+        data = zoo.data("shakespeare-moe")
+        _LM.update(model=zoo.pretrained("shakespeare-moe", progress=False).cpu().eval(),
+                   calib=data["train"].shuffle(seed=0).select(range(32)),
+                   val=data["validation"].select(range(VAL_SEQUENCES)))
+    return copy.deepcopy(_LM["model"]), _LM["calib"], _LM["val"]
+
+
+_MODEL_REF: dict = {}
+
+
+def _cached(key, make):
+    if key not in _MODEL_REF:
+        _MODEL_REF[key] = make()
+    return _MODEL_REF[key]
+
+
+def _ppl(model, val) -> float:
+    from moe_course.train import evaluate
+
+    return float(evaluate(model, val, batch_size=128)["perplexity"])
+
+
+def _logits(model, val):
+    with torch.no_grad():
+        return model(val[:4]["input_ids"][:, :-1])
+
+
+_MODEL_HINTS = {
+    "plain": "your merge behaves like plain averaging (no alignment, uniform weights): align each member to its "
+             "group's dominant expert (your merge_group of exercise 8.2 does) and weight by frequency",
+    "no_align": "your merge averages the members without aligning their hidden neurons first: permute each member "
+                "to match the dominant expert (match_neurons with the gate term) before averaging",
+    "pruning": "that is frequency pruning (the G most used experts kept, the others thrown away): MERGE the other "
+               "experts into the kept ones instead of dropping them",
+}
+
+
+@checker("Exercise 8.3: a whole merging method", timeout=600,
+         forbid=("moe_course.compress.merging.merge_experts", "moe_course.compress.merging.hc_smoe",
+                 "moe_course.compress.merging.mc_smoe", "moe_course.compress.merging._merge_layer",
+                 "moe_course.compress.pruning.prune_experts"))
+def check_merge_model(merge_fn) -> None:
+    """``merge_model(model, calib, G) -> model``: every MoE layer of the returned model stores ``G`` experts
+    (a router over the ``N`` original slots may map them to groups); the given model stays whole. Graded
+    on shakespeare-moe at G = 4 of 8: validation perplexity at most TARGET times frequency pruning's."""
+    import torch.nn as nn
+
+    from moe_course.compress import merging as M
+    from moe_course.compress import pruning as P
+    from moe_course.layers import moe_layers
+
+    model, calib, val = shakespeare()
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    desc = f"(shakespeare-moe, G = {GROUPS} of 8 experts per layer, {VAL_SEQUENCES} validation sequences)"
+    out = merge_fn(model, calib, GROUPS)
+    now = model.state_dict()
+    expect(set(now) == set(before) and all(now[k].shape == v.shape and torch.equal(now[k], v)
+                                           for k, v in before.items()),
+           f"your function changed the model it was given: merge a copy (copy.deepcopy(model)) {desc}")
+    expect(isinstance(out, nn.Module), f"return the merged model (an nn.Module), got {describe(out)} {desc}")
+    layers = moe_layers(out)
+    expect(len(layers) == len(moe_layers(model)), f"the merged model must keep all {len(moe_layers(model))} "
+                                                  f"MoE layers, got {len(layers)} {desc}")
+    stored = [getattr(layer.experts, "num_experts", None) for layer in layers]
+    expect(all(n == GROUPS for n in stored),
+           f"every layer must STORE G = {GROUPS} experts (one merged expert per group; slots that point to "
+           f"shared copies do not make the model smaller), got {stored} {desc}")
+    routes = [getattr(layer.router, "num_groups", layer.router.gate.weight.shape[0]) for layer in layers]
+    expect(routes == stored, f"the routers route to {routes} experts while the layers store {stored}: keep the "
+                             f"router's N slots and map them to groups with M.MergedRouter(router, "
+                             f"slot_to_group) {desc}")
+    try:
+        got_logits = _logits(out, val)
+    except Exception as exc:  # noqa: BLE001 - the learner's model, any failure is the hint
+        raise CheckFailed(f"your merged model fails on a forward pass ({type(exc).__name__}: {exc}) {desc}")
+    variants = {
+        "plain": lambda: M.merge_experts(model, GROUPS, calib=calib, align=False, weighting="uniform"),
+        "no_align": lambda: M.merge_experts(model, GROUPS, calib=calib, align=False),
+        "pruning": lambda: P.prune_experts(model, GROUPS, calib=calib, method="frequency"),
+    }
+    for name, make in variants.items():
+        ref_logits = _cached(("logits", name), lambda: _logits(make(), val))
+        if got_logits.shape == ref_logits.shape and torch.allclose(got_logits, ref_logits, atol=1e-4):
+            raise CheckFailed(f"{_MODEL_HINTS[name]} {desc}")
+    got = _ppl(out, val)
+    base = _cached("pruning ppl", lambda: _ppl(P.prune_experts(model, GROUPS, calib=calib, method="frequency"), val))
+    full = _cached("full ppl", lambda: _ppl(model, val))
+    print(f"G = {GROUPS} of 8 experts per layer: your merged model's validation perplexity {got:.3f}; frequency "
+          f"pruning {base:.3f} (target <= {TARGET * base:.3f}); the whole model {full:.3f}")
+    expect(got <= TARGET * base,
+           f"perplexity {got:.3f} does not beat frequency pruning ({base:.3f}) by 5 %: group experts the router "
+           f"treats alike around the most used ones, align each group to its dominant expert and average with "
+           f"frequency weights {desc}")

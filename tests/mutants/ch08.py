@@ -1,4 +1,5 @@
-"""Chapter 8: matching hidden neurons by activations, one real expert group merged by hand."""
+"""Chapter 8: matching hidden neurons by activations, one real expert group merged by hand, a whole
+merging method graded on perplexity."""
 
 from __future__ import annotations
 
@@ -162,3 +163,100 @@ def merge_group_nan_on_zero(w_in, w_gate, w_out, freqs):
         w = freqs.double() / freqs.double().sum()
         return tuple(torch.tensordot(w.to(t.dtype), t, dims=1) for t in (w_in, w_gate, w_out))
     return _merge(w_in, w_gate, w_out, freqs)
+
+
+# ------------------------------------------------------------------ 8.3 merge_model (whole method)
+def _merge_model(model, calib, G, *, merge=None, store_slots=False, keep_router=False, prune=False,
+                 in_place=False, group_by_weights=False, **merge_opts):
+    import copy
+
+    from moe_course.calib import layer_inputs
+    from moe_course.compress.merging import MergedRouter
+    from moe_course.compress.pruning import keep_experts
+    from moe_course.layers import Experts, moe_layers
+
+    out = model if in_place else copy.deepcopy(model)
+    xs = layer_inputs(model, calib)
+    for layer, x in zip(moe_layers(out), xs):
+        n = layer.num_experts
+        with torch.no_grad():
+            r = layer.router(x)
+            freq = torch.bincount(r.indices.reshape(-1), minlength=n).float() / r.indices.numel()
+            order = freq.argsort(descending=True, stable=True).tolist()
+            dominant = order[:G]
+            if group_by_weights:
+                h = layer.experts.w_in.detach().reshape(n, -1).double()
+            else:
+                h = r.logits.double().T
+            h = h / h.norm(dim=1, keepdim=True)
+            sim = h @ h.T
+        if prune:
+            keep_experts(layer, sorted(dominant))
+            continue
+        labels = [0] * n
+        for grp, i in enumerate(dominant):
+            labels[i] = grp
+        for i in order[G:]:
+            labels[i] = int(sim[i, dominant].argmax())
+        old = layer.experts
+        new = Experts(n if store_slots else G, old.d_model, old.d_hidden, old.activation)
+        with torch.no_grad():
+            for grp in range(G):
+                m = [i for i in range(n) if labels[i] == grp]
+                w = (merge or _merge)(old.w_in[m], old.w_gate[m], old.w_out[m], freq[m], **merge_opts)
+                for slot in (m if store_slots else [grp]):
+                    for name, t in zip(("w_in", "w_gate", "w_out"), w):
+                        getattr(new, name)[slot] = t
+        layer.experts = new
+        if not (keep_router or store_slots):
+            layer.router = MergedRouter(layer.router, torch.tensor(labels))
+    return out
+
+
+@M.right("check_merge_model")
+def merge_model_uniform_aligned(model, calib, G):
+    """Aligned, but uniform weights inside each group (a valid variant that also clears the target)."""
+    return _merge_model(model, calib, G, uniform=True)
+
+
+@M.wrong("check_merge_model", "plain averaging")
+def merge_model_plain(model, calib, G):
+    """No alignment, uniform weights."""
+    return _merge_model(model, calib, G, align=False, uniform=True)
+
+
+@M.wrong("check_merge_model", "without aligning")
+def merge_model_no_align(model, calib, G):
+    """Frequency weights, no alignment."""
+    return _merge_model(model, calib, G, align=False)
+
+
+@M.wrong("check_merge_model", "frequency pruning", "MERGE")
+def merge_model_prunes(model, calib, G):
+    """Keeps the G most frequent experts, drops the rest."""
+    return _merge_model(model, calib, G, prune=True)
+
+
+@M.wrong("check_merge_model", "STORE")
+def merge_model_slot_copies(model, calib, G):
+    """Every slot gets its group's merged expert: N stored experts, router unchanged."""
+    return _merge_model(model, calib, G, store_slots=True)
+
+
+@M.wrong("check_merge_model", "MergedRouter")
+def merge_model_keeps_router(model, calib, G):
+    """G stored experts, the router still picks among N."""
+    return _merge_model(model, calib, G, keep_router=True)
+
+
+@M.wrong("check_merge_model", "changed the model")
+def merge_model_in_place(model, calib, G):
+    """Merges the model it was given."""
+    return _merge_model(model, calib, G, in_place=True)
+
+
+@M.wrong("check_merge_model", "package's own")
+def merge_model_by_package(model, calib, G):
+    """Calls merge_experts."""
+    from moe_course.compress import merging
+    return merging.merge_experts(model, G, calib=calib)
