@@ -124,12 +124,12 @@ def _belady_variants(trace, c):
             "big": belady_reference(trace, c, slots=c + 1)}
 
 
-def _diagnose(out: float, trace, c) -> str:
+def _matches(out: float, trace, c) -> list[str]:
     ref = belady_reference(trace, c)
-    for name, v in _belady_variants(trace, c).items():
-        if abs(v - ref) > 1e-9 and abs(out - v) < 1e-9:
-            return _HINTS[name]
-    return ("compare with Belady's rule: walk the accesses in order; a hit when the expert is cached; on a miss "
+    return [name for name, v in _belady_variants(trace, c).items() if abs(v - ref) > 1e-9 and abs(out - v) < 1e-9]
+
+
+_GENERIC = ("compare with Belady's rule: walk the accesses in order; a hit when the expert is cached; on a miss "
             "with a full cache evict the cached expert whose next access is furthest away (never = infinity), "
             "then insert it; hit rate = hits / accesses")
 
@@ -157,6 +157,7 @@ def _cases():
 
 @checker("Exercise 13.1: Belady's optimal expert cache")
 def check_belady_hit_rate(belady_hit_rate) -> None:
+    first_failure, candidates = None, None
     for trace, c in _cases():
         desc = f"(a trace of {len(trace)} tokens starting {trace[:3]}, capacity={c})"
         out = belady_hit_rate([list(t) for t in trace], c)
@@ -165,10 +166,19 @@ def check_belady_hit_rate(belady_hit_rate) -> None:
         if isinstance(out, bool) or not isinstance(out, (int, float)):
             raise CheckFailed(f"return the hit rate as a float in [0, 1], got {type(out).__name__} {desc}")
         out = float(out)
-        if abs(out - belady_reference(trace, c)) > 1e-9:
-            if out > 1 + 1e-9 and abs(out / 100 - belady_reference(trace, c)) < 1e-9:
-                raise CheckFailed(f"return a fraction in [0, 1], not a percentage {desc}")
-            raise CheckFailed(f"{_diagnose(out, trace, c)} {desc}")
+        if abs(out - belady_reference(trace, c)) <= 1e-9:
+            continue
+        if out > 1 + 1e-9 and abs(out / 100 - belady_reference(trace, c)) < 1e-9:
+            raise CheckFailed(f"return a fraction in [0, 1], not a percentage {desc}")
+        found = _matches(out, trace, c)
+        # a case may not tell two mistakes apart: keep the names every failing case agrees on
+        candidates = found if not candidates else ([n for n in candidates if n in found] or candidates)
+        first_failure = first_failure or desc
+        if len(candidates) == 1:
+            raise CheckFailed(f"{_HINTS[candidates[0]]} {desc}")
+    if first_failure is not None:
+        hint = _HINTS[candidates[0]] if candidates else _GENERIC
+        raise CheckFailed(f"{hint} {first_failure}")
 
 
 # --------------------------------------------------------------------------------------------
