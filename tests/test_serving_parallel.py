@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from moe_course.layers import SparseMoE
-from moe_course.serving.parallel import ExpertParallelMoE, shard_bounds
+from moe_course.serving.parallel import ExpertParallelMoE, alltoall_bytes, shard_bounds
 
 D, F_HIDDEN, N_EXPERTS = 16, 24, 6
 
@@ -50,7 +50,9 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, case: dict) -> 
         with torch.no_grad():
             half = ExpertParallelMoE.from_sparse(moe, payload_dtype=torch.bfloat16)
             errors["bf16 payload output"] = (half(x) - y_ref).abs().max().item()
-        result = {"errors": errors, "comm": ep.last_comm, "comm_bf16": half.last_comm,
+        with torch.no_grad():
+            indices = ref.router(x).indices.tolist()
+        result = {"indices": indices, "errors": errors, "comm": ep.last_comm, "comm_bf16": half.last_comm,
                   "shard": [start, stop], "experts_here": ep.experts.num_experts}
         with open(os.path.join(out_dir, f"{rank}.json"), "w") as f:
             json.dump(result, f)
@@ -77,6 +79,12 @@ def test_expert_parallel_equals_sparse_moe(tmp_path, world, case):
         assert comm["bytes_sent"] == rows_out * (4 * D + 8) + rows_back * 4 * D
         assert comm16["bytes_sent"] == rows_out * (2 * D + 8) + rows_back * 2 * D
     assert sum(r["comm"]["rows_sent"] for r in results) == sum(r["comm"]["rows_received"] for r in results) > 0
+    # alltoall_bytes predicts the same traffic from the routing decisions alone, without processes
+    indices = torch.tensor([i for r in results for i in r["indices"]])
+    split = [len(r["indices"]) for r in results]
+    pred = alltoall_bytes(indices, N_EXPERTS, world, D, capacity_factor=case["cf"], split=split)
+    sent = sum(r["comm"]["bytes_sent"] for r in results)
+    assert abs(pred["bytes_per_token"] * sum(split) - sent) < 1e-6
 
 
 def test_shard_bounds_and_clear_errors():

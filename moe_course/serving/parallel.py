@@ -34,6 +34,7 @@ the same code but have not been run at that scale.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import replace
 
 import torch
@@ -43,7 +44,7 @@ from torch import nn
 from moe_course.dispatch import capacity_mask, dispatch
 from moe_course.layers import CompressedExperts, Experts, MoELayer, SparseMoE
 
-__all__ = ["ExpertParallelMoE", "shard_bounds"]
+__all__ = ["ExpertParallelMoE", "shard_bounds", "alltoall_bytes"]
 
 
 def shard_bounds(num_experts: int, world_size: int) -> list[tuple[int, int]]:
@@ -178,3 +179,39 @@ class ExpertParallelMoE(MoELayer):
         stop = self.start + self.experts.num_experts
         return (f"experts {self.start}..{stop - 1} of {self.total_experts}, k={self.k}, "
                 f"capacity_factor={self.capacity_factor}, payload_dtype={self.payload_dtype}")
+
+
+def alltoall_bytes(indices: torch.Tensor, num_experts: int, world_size: int, d_model: int, *,
+                   payload_bytes: int = 4, capacity_factor: float | None = None,
+                   split: list[int] | None = None) -> dict[str, float]:
+    """What :class:`ExpertParallelMoE` would send between ranks for these routing decisions, without
+    starting any process.
+
+    ``indices`` ``[T, k]`` are a layer's expert choices for ``T`` tokens, split over ``world_size``
+    ranks in contiguous chunks (``torch.chunk``, or ``split`` tokens per rank); experts are
+    sharded by :func:`shard_bounds`. An assignment whose expert lives on another rank sends its row
+    out and its result back (``d_model * payload_bytes`` each way) plus an 8-byte expert id, the
+    accounting of :attr:`ExpertParallelMoE.last_comm`. ``capacity_factor`` applies each rank's
+    capacity mask first. Returns ``{"bytes_per_token", "cross_rows_per_token", "kept_fraction"}``.
+    """
+    if not torch.is_tensor(indices) or indices.dim() != 2:
+        raise ValueError("indices: expected a [T, k] tensor of expert ids")
+    bounds = shard_bounds(num_experts, world_size)
+    starts = torch.tensor([b[0] for b in bounds[1:]], dtype=indices.dtype)
+    cross = kept_total = 0
+    chunks = indices.chunk(world_size) if split is None else indices.split(list(split))
+    if len(chunks) > world_size:
+        raise ValueError(f"split: expected at most world_size={world_size} parts, got {len(chunks)}")
+    for rank, chunk in enumerate(chunks):
+        if chunk.numel() == 0:
+            continue
+        keep = torch.ones_like(chunk, dtype=torch.bool)
+        if capacity_factor is not None:
+            cap = math.ceil(capacity_factor * chunk.shape[0] * chunk.shape[1] / num_experts)
+            keep = capacity_mask(chunk, num_experts, cap)
+        owner = torch.bucketize(chunk, starts, right=True)
+        cross += int(((owner != rank) & keep).sum())
+        kept_total += int(keep.sum())
+    tokens = indices.shape[0]
+    return {"bytes_per_token": cross * (2 * d_model * payload_bytes + 8) / tokens,
+            "cross_rows_per_token": cross / tokens, "kept_fraction": kept_total / indices.numel()}
