@@ -464,7 +464,8 @@ def _grad_variants(x, gw, outs, gy) -> dict[str, torch.Tensor]:
 
 @checker("Exercise 1.2: gate_weight_grad", forbid=_NO_AUTOGRAD)
 def check_gate_weight_grad(gate_weight_grad: Callable) -> None:
-    """dL/dW_g for L = sum_t <grad_y_t, y_t>, from the chapter's derivation, checked against autograd."""
+    """dL/d gate_weight (= W_g^T) for L = sum_t <grad_y_t, y_t>, from the chapter's derivation,
+    checked against autograd."""
     for T, d, N in ((7, 5, 3), (1, 4, 6), (12, 3, 2)):
         x, gw, outs, gy = _grad_case(T, d, N)
         where = f"T={T}, d={d}, N={N}"
@@ -479,7 +480,8 @@ def check_gate_weight_grad(gate_weight_grad: Callable) -> None:
         ref = _reference_grad(x, gw, outs, gy)
         if tuple(got.shape) == (T, N) and (T, N) != (N, d):
             raise CheckFailed(f"{where}: got shape [T, N] = {(T, N)}: that is dL/dz, the gradient of the logits. "
-                              "Chain it through z = x @ gate_weight.T: dL/dW_g = (dL/dz).T @ x, shape [N, d]")
+                              "Chain it through z = x @ gate_weight.T: the gradient of gate_weight is "
+                              "(dL/dz).T @ x, shape [N, d]")
         if tuple(got.shape) == (d, N) and (d, N) != (N, d):
             raise CheckFailed(f"{where}: got shape [d, N]; gate_weight is stored [N, d] like nn.Linear.weight, so "
                               "its gradient has that shape too: (dL/dz).T @ x")
@@ -489,7 +491,7 @@ def check_gate_weight_grad(gate_weight_grad: Callable) -> None:
                 if _close(got, wrong, rtol=1e-4, atol=1e-6) and not _close(wrong, ref, rtol=1e-4, atol=1e-6):
                     raise CheckFailed(f"{where}: {hint}")
         expect_close(got.double(), ref, f"{where}: wrong values. dL/dz_tj = g_tj <grad_y_t, E_j(x_t) - y_t> with "
-                     "g = softmax(x @ gate_weight.T) and y the mix; then dL/dW_g = (dL/dz).T @ x",
+                     "g = softmax(x @ gate_weight.T) and y the mix; then d L / d gate_weight = (dL/dz).T @ x",
                      rtol=1e-4, atol=1e-6)
 
 

@@ -238,7 +238,8 @@ def _unstack(w_in, w_out, t=True, bias=False, act=torch.nn.GELU, swap=False, ord
     out = []
     for i in (order if order is not None else range(N)):
         a, b = (w_out[i], w_in[i]) if swap else (w_in[i], w_out[i])
-        m = nn.Sequential(nn.Linear(a.shape[0], a.shape[1], bias=bias), act(), nn.Linear(b.shape[0], b.shape[1], bias=bias))
+        m = nn.Sequential(nn.Linear(a.shape[0], a.shape[1], bias=bias), act(),
+                          nn.Linear(b.shape[0], b.shape[1], bias=bias))
         with torch.no_grad():
             m[0].weight.copy_(a.T if t else a.reshape(a.shape[1], a.shape[0]))
             m[2].weight.copy_(b.T if t else b.reshape(b.shape[1], b.shape[0]))
