@@ -141,20 +141,30 @@ def _numpy(x: Any) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 # architecture diagram
 # --------------------------------------------------------------------------------------------
-def _box(ax, x, y, w, h, text, color=_PLAIN, edge="#444444", size=9, bold=False, lw=1.0):
-    ax.add_patch(FancyBboxPatch((x, y), w, h, boxstyle="round,pad=0.02,rounding_size=0.12",
+# The diagrams are drawn in inches (one data unit = one inch at the figure's size), so a font
+# size in points is what the reader sees at page width: the figure is at most 6.4 in wide
+# (the column is ~800 px at 100 dpi) and every label is >= 10 pt, which stays legible when a
+# phone scales the figure to ~360 px.
+_ARCH_WIDTH = 6.4
+_ARCH_TEXT = 11  # box labels
+_ARCH_SMALL = 10  # wire labels, the smallest text of the diagrams
+
+
+def _box(ax, x, y, w, h, text, color=_PLAIN, edge="#444444", size=_ARCH_TEXT, bold=False, lw=1.0):
+    ax.add_patch(FancyBboxPatch((x, y), w, h, boxstyle="round,pad=0.02,rounding_size=0.08",
                                 facecolor=color, edgecolor=edge, linewidth=lw))
-    ax.text(x + w / 2, y + h / 2, text, ha="center", va="center", fontsize=size,
-            fontweight="bold" if bold else "normal")
+    ax.text(x + w / 2, y + h / 2, text, ha="center", va="center", fontsize=max(size, _ARCH_SMALL),
+            fontweight="bold" if bold else "normal", linespacing=1.15)
 
 
-def _arrow(ax, start, end, color="#444444", style="-|>", ls="-", lw=1.2, rad=0.0, label=None, size=8):
-    ax.add_patch(FancyArrowPatch(start, end, arrowstyle=style, mutation_scale=11, color=color,
+def _arrow(ax, start, end, color="#444444", style="-|>", ls="-", lw=1.2, rad=0.0, label=None,
+           size=_ARCH_SMALL):
+    ax.add_patch(FancyArrowPatch(start, end, arrowstyle=style, mutation_scale=12, color=color,
                                  linestyle=ls, linewidth=lw, connectionstyle=f"arc3,rad={rad}",
                                  shrinkA=1, shrinkB=1))
     if label:
-        ax.text((start[0] + end[0]) / 2, (start[1] + end[1]) / 2 + 0.12, label, fontsize=size,
-                ha="center", va="bottom", color=color)
+        ax.text((start[0] + end[0]) / 2, (start[1] + end[1]) / 2 + 0.06, label,
+                fontsize=max(size, _ARCH_SMALL), ha="center", va="bottom", color=color)
 
 
 def _polyline_arrow(ax, points, color="#444444", ls="-", lw=1.2):
@@ -162,6 +172,14 @@ def _polyline_arrow(ax, points, color="#444444", ls="-", lw=1.2):
     xs, ys = zip(*points[:-1])
     ax.plot(xs, ys, color=color, ls=ls, lw=lw, solid_capstyle="butt")
     _arrow(ax, points[-2], points[-1], color=color, ls=ls, lw=lw)
+
+
+def _inches(ax, width: float, height: float) -> None:
+    """Data coordinates in inches: x in [0, width], y in [0, height], equal aspect, no axes."""
+    ax.set_xlim(-0.05, width + 0.05)
+    ax.set_ylim(0, height)
+    ax.set_aspect("equal")
+    ax.set_axis_off()
 
 
 def _spec(obj: Any) -> dict[str, Any]:
@@ -205,164 +223,190 @@ def _spec(obj: Any) -> dict[str, Any]:
             "activation": "gelu", "num_shared_experts": 0, "capacity_factor": None, **fields}
 
 
+def _title_lines(parts: Sequence[str], width: int = 58) -> str:
+    """Join ``parts`` with ", " into lines of at most ``width`` characters (titles never clip)."""
+    lines, cur = [], ""
+    for p in parts:
+        if cur and len(cur) + 2 + len(p) > width:
+            lines.append(cur + ",")
+            cur = p
+        else:
+            cur = f"{cur}, {p}" if cur else p
+    return "\n".join(lines + [cur])
+
+
+_SLOT = 0.42  # height of one expert slot, inches
+
+
+def _layer_height(s: dict[str, Any]) -> float:
+    E, kind = int(s["num_experts"]), s["ffn"]
+    shown = min(E, 8) if kind != "dense" else 2
+    shared = int(s.get("num_shared_experts") or 0) if kind == "moe" else 0
+    return (max(shown, 2) + shared) * _SLOT + 1.3
+
+
 def _draw_layer(ax, s: dict[str, Any]) -> None:
     """tokens -> router -> top-k experts (highlighted) -> weighted sum -> + residual -> output."""
     kind, E, d, h = s["ffn"], int(s["num_experts"]), s["d_model"], s["d_hidden"]
     k = E if kind == "soft" else (1 if kind == "dense" else int(s["k"]))
     n_shared = int(s.get("num_shared_experts") or 0) if kind == "moe" else 0
-    ax.set_xlim(0, 10.4)
-    ax.set_ylim(-0.35, 6.65)
-    ax.set_axis_off()
-    mid = 3.0
-    _box(ax, 0.1, mid - 0.45, 1.5, 0.9, f"tokens x\n[T, d={d}]")
-    _box(ax, 8.8, mid - 0.45, 1.5, 0.9, "output\n[T, d]")
-    plus = (8.2, mid)
-    sigma = (7.3, mid)
-
+    W, H = _ARCH_WIDTH - 0.2, _layer_height(s)
+    _inches(ax, W, H)
     # Which boxes to show: all experts up to 8, else the first 5, a gap, and the last 2.
     shown = list(range(E)) if E <= 8 else [0, 1, 2, 3, 4, None, E - 2, E - 1]
-    chosen = set(range(E)) if kind in ("soft", "dense") else {i for i in (1, 3, 0, 4, 2, 5, 6, 7)[:k] if i < E}
+    if kind == "dense":
+        shown = []
+    chosen = (set(range(E)) if kind in ("soft", "dense")
+              else {i for i in (1, 3, 0, 4, 2, 5, 6, 7)[:k] if i < E})
     if kind == "moe" and k > len(chosen):
         chosen = set(range(min(k, E)))
-    slots = len(shown) + n_shared
-    top, bottom = 5.9, 0.1
-    step = (top - bottom) / max(slots, 1)
-    bh = min(0.62, step * 0.8)
-    ex_x, ex_w = 4.6, 1.9
+    slots = max(len(shown), 2) + n_shared
+    bottom = 0.75
+    top = bottom + slots * _SLOT
+    mid = bottom + max(len(shown), 2) * _SLOT / 2 + n_shared * _SLOT
+    ex_x, ex_w, bh = 2.45, 1.25, 0.32
+    sigma, plus = (4.25, mid), (4.8, mid)
     act = "SwiGLU" if s.get("activation") == "swiglu" else "GELU"
 
+    _box(ax, 0.0, mid - 0.31, 0.85, 0.62, "tokens\n[T, d]")
+    _box(ax, 5.1, mid - 0.31, W - 5.1, 0.62, "output\n[T, d]")
     if kind == "dense":
-        _box(ax, ex_x, mid - 0.5, ex_w, 1.0, f"dense MLP\n{d}→{h}→{d} ({act})", color=_ACCENT)
-        _arrow(ax, (1.6, mid), (ex_x, mid))
-        _arrow(ax, (ex_x + ex_w, mid), (plus[0] - 0.18, mid))
+        _box(ax, ex_x - 0.6, mid - 0.4, ex_w + 1.2, 0.8, f"dense MLP\n{d}→{h}→{d}", color=_ACCENT)
+        _arrow(ax, (0.85, mid), (ex_x - 0.6, mid))
+        _arrow(ax, (ex_x + ex_w + 0.6, mid), (plus[0] - 0.15, mid))
     else:
-        router_label = "gate\nsoftmax(x W_g)\nall experts" if kind == "soft" else f"router\nLinear(d, {E})\nsoftmax → top-{k}"
-        _box(ax, 2.0, mid - 0.6, 1.7, 1.2, router_label, color=_ROUTER)
-        _arrow(ax, (1.6, mid), (2.0, mid))
+        router_label = "gate\nsoftmax" if kind == "soft" else f"router\ntop-{k}"
+        _box(ax, 1.1, mid - 0.45, 1.0, 0.9, router_label, color=_ROUTER)
+        _arrow(ax, (0.85, mid), (1.1, mid))
         for slot, i in enumerate(shown):
-            y = top - (slot + 0.5) * step
+            y = top - (slot + 0.5) * _SLOT
             if i is None:
                 ax.text(ex_x + ex_w / 2, y, "⋮", ha="center", va="center", fontsize=14)
                 continue
             on = i in chosen
-            _box(ax, ex_x, y - bh / 2, ex_w, bh, f"expert {i}" + (f"  {d}→{h}→{d}" if bh > 0.45 else ""),
-                 color=_ACCENT if on else _IDLE, edge="#444444" if on else "#AAAAAA", size=8, lw=1.4 if on else 0.8)
+            _box(ax, ex_x, y - bh / 2, ex_w, bh, f"expert {i}", color=_ACCENT if on else _IDLE,
+                 edge="#444444" if on else "#AAAAAA", lw=1.4 if on else 0.8)
             if on:
-                _arrow(ax, (3.7, mid), (ex_x, y), color=_ACCENT, lw=1.3)
-                _arrow(ax, (ex_x + ex_w, y), (sigma[0] - 0.25, sigma[1]), color=_ACCENT, lw=1.3)
+                _arrow(ax, (2.1, mid), (ex_x, y), color=_ACCENT, lw=1.3)
+                _arrow(ax, (ex_x + ex_w, y), (sigma[0] - 0.2, sigma[1]), color=_ACCENT, lw=1.3)
         for j in range(n_shared):
-            y = top - (len(shown) + j + 0.5) * step
-            _box(ax, ex_x, y - bh / 2, ex_w, bh, f"shared {j} (always on)", color=_SHARED, size=8)
-            _arrow(ax, (1.6, mid - 0.3), (ex_x, y), color="#2E7D32", rad=0.1)
-            _arrow(ax, (ex_x + ex_w, y), (sigma[0] - 0.25, sigma[1]), color="#2E7D32")
-        ax.add_patch(Circle(sigma, 0.25, facecolor="white", edgecolor="#444444"))
-        ax.text(*sigma, "Σ", ha="center", va="center", fontsize=11)
-        ax.text(sigma[0] + 0.12, sigma[1] + 0.3, r"$\sum_i g_i E_i(x)$", ha="left", va="bottom", fontsize=8)
-        gate_y = top + 0.3
-        _polyline_arrow(ax, [(2.85, mid + 0.6), (2.85, gate_y), (sigma[0], gate_y), (sigma[0], sigma[1] + 0.75)],
-                        color="#6A5ACD", ls="--")
-        ax.text((2.85 + sigma[0]) / 2, gate_y + 0.05, f"gate weights g ({'all E' if kind == 'soft' else 'top-' + str(k)})",
-                color="#6A5ACD", fontsize=8, ha="center", va="bottom")
-        _arrow(ax, (sigma[0] + 0.25, mid), (plus[0] - 0.18, mid))
-    ax.add_patch(Circle(plus, 0.18, facecolor="white", edgecolor="#444444"))
-    ax.text(*plus, "+", ha="center", va="center", fontsize=11)
-    res_y = bottom - 0.25
-    _polyline_arrow(ax, [(0.85, mid - 0.45), (0.85, res_y), (plus[0], res_y), (plus[0], plus[1] - 0.18)],
+            y = top - (max(len(shown), 2) + j + 0.5) * _SLOT
+            _box(ax, ex_x, y - bh / 2, ex_w, bh, f"shared {j}", color=_SHARED)
+            _polyline_arrow(ax, [(0.7, mid - 0.31), (0.7, y), (ex_x, y)], color="#2E7D32")
+            _arrow(ax, (ex_x + ex_w, y), (sigma[0] - 0.2, sigma[1]), color="#2E7D32")
+        ax.add_patch(Circle(sigma, 0.2, facecolor="white", edgecolor="#444444"))
+        ax.text(*sigma, "Σ", ha="center", va="center", fontsize=12)
+        gate_y = top + 0.15
+        _polyline_arrow(ax, [(1.6, mid + 0.45), (1.6, gate_y), (sigma[0], gate_y),
+                             (sigma[0], sigma[1] + 0.2)], color="#6A5ACD", ls="--")
+        ax.text((1.6 + sigma[0]) / 2, gate_y + 0.04,
+                f"gate weights g ({'all N' if kind == 'soft' else 'top-' + str(k)})",
+                color="#6A5ACD", fontsize=_ARCH_SMALL, ha="center", va="bottom")
+        _arrow(ax, (sigma[0] + 0.2, mid), (plus[0] - 0.15, mid))
+    ax.add_patch(Circle(plus, 0.15, facecolor="white", edgecolor="#444444"))
+    ax.text(*plus, "+", ha="center", va="center", fontsize=12)
+    res_y = 0.3
+    _polyline_arrow(ax, [(0.42, mid - 0.31), (0.42, res_y), (plus[0], res_y), (plus[0], plus[1] - 0.15)],
                     color="#888888", ls=":")
-    ax.text(4.0, res_y + 0.05, "residual (the block adds x back)", fontsize=8, color="#888888", ha="center",
-            va="bottom")
-    _arrow(ax, (plus[0] + 0.18, mid), (8.8, mid))
+    ax.text(2.6, res_y + 0.04, "residual: the block adds x back", fontsize=_ARCH_SMALL,
+            color="#666666", ha="center", va="bottom")
+    _arrow(ax, (plus[0] + 0.15, mid), (5.1, mid))
 
     if kind == "soft":
-        title = f"Soft MoE layer: all {E} experts run, softmax-weighted"
+        parts = [f"Soft MoE layer: all {E} experts run, softmax-weighted"]
     elif kind == "dense":
-        title = "Dense feed-forward layer"
+        parts = ["Dense feed-forward layer"]
     else:
-        title = f"Sparse MoE layer: top-{k} of {E} experts"
-        if n_shared:
-            title += f" + {n_shared} shared"
+        parts = [f"Sparse MoE layer: top-{k} of {E} experts"
+                 + (f" + {n_shared} shared" if n_shared else "")]
         if s.get("capacity_factor"):
-            title += f", capacity factor {s['capacity_factor']}"
+            parts.append(f"capacity factor {s['capacity_factor']}")
+    parts += [f"d_model={d}", f"d_hidden={h}", act]
     if s.get("n_moe_layers", 1) > 1:
-        title += f" (first of {s['n_moe_layers']} MoE layers)"
-    ax.set_title(f"{title}\nd_model={d}, d_hidden={h}, {act}", fontsize=10)
+        parts.append(f"first of {s['n_moe_layers']} MoE layers")
+    ax.set_title(_title_lines(parts), fontsize=_ARCH_TEXT)
+
+
+_STACK_HEIGHT = 1.75
 
 
 def _draw_stack(ax, s: dict[str, Any]) -> None:
-    """Input -> embedding/stem -> N x [norm, mixer, norm, FFN] -> head."""
-    ax.set_xlim(0, 5)
-    ax.set_ylim(0, 10)
-    ax.set_axis_off()
+    """Input -> embedding/stem -> n_layers x [norm, mixer, norm, FFN] -> head, left to right."""
+    W = _ARCH_WIDTH - 0.2
+    _inches(ax, W, _STACK_HEIGHT)
     lm = "vocab_size" in s
     mixer = "attention" if lm else s.get("mixer", "conv")
     heads = s.get("n_heads")
     ffn = s["ffn"]
     if ffn == "moe":
-        ffn_label = f"MoE FFN\ntop-{s['k']} of {s['num_experts']} experts"
+        ffn_label = f"MoE FFN\ntop-{s['k']} of {s['num_experts']}"
         if s.get("num_shared_experts"):
-            ffn_label += f" + {s['num_shared_experts']} shared"
+            ffn_label += f"\n+ {s['num_shared_experts']} shared"
     elif ffn == "soft":
-        ffn_label = f"soft MoE FFN\n{s['num_experts']} experts"
+        ffn_label = f"soft MoE\n{s['num_experts']} experts"
     else:
-        ffn_label = "dense MLP\n"
-    ffn_label += ("" if ffn == "dense" else ", ") + f"{s['d_model']}→{s['d_hidden']}→{s['d_model']}"
-
+        ffn_label = "dense MLP"
     if lm:
-        inp = f"token ids [B, T≤{s.get('context_length', '?')}]"
-        emb = f"token + position embedding\nvocab {s['vocab_size']} × d {s['d_model']}"
-        head = "LayerNorm → LM head (tied)\nlogits [B, T, vocab]"
+        inp = f"token ids\n[B, T≤{s.get('context_length', '?')}]"
+        emb = f"embedding\nvocab {s['vocab_size']}\n+ position"
+        head = "LayerNorm\nLM head\n(tied)"
     else:
-        inp = f"signal x [B, {s.get('input_length', '?')}]"
-        emb = f"conv stem → {s.get('num_tokens', '?')} tokens × d {s['d_model']}\n+ position embedding"
-        head = f"LayerNorm → mean pool → linear\nlogits [B, {s.get('num_classes', '?')}]"
-
-    _box(ax, 0.6, 0.2, 3.6, 0.7, inp)
-    _box(ax, 0.6, 1.5, 3.6, 1.0, emb)
-    ax.add_patch(FancyBboxPatch((0.35, 3.1), 4.1, 4.6, boxstyle="round,pad=0.02,rounding_size=0.2",
+        inp = f"signal\n[B, {s.get('input_length', '?')}]"
+        emb = f"conv stem\n{s.get('num_tokens', '?')} tokens\n+ position"
+        head = f"mean pool\nlinear\n{s.get('num_classes', '?')} classes"
+    bw, y0, bh, gap = 1.0, 0.2, 1.0, 0.28
+    _box(ax, 0.0, y0, bw, bh, inp)
+    _box(ax, bw + gap, y0, bw, bh, emb)
+    g0 = 2 * (bw + gap) - 0.1
+    g1 = W - bw - gap + 0.1
+    ax.add_patch(FancyBboxPatch((g0, y0 - 0.12), g1 - g0, bh + 0.24,
+                                boxstyle="round,pad=0.02,rounding_size=0.1",
                                 facecolor="#F7F7F7", edgecolor="#888888", linestyle="--"))
-    ax.text(4.55, 5.4, f"× {s['n_layers']}", fontsize=12, fontweight="bold", va="center")
-    if mixer != "none":
-        mix_label = (f"LayerNorm → self-attention\n{heads} heads" + (", causal" if lm else "")
-                     if mixer == "attention" else "LayerNorm → depthwise conv mixer")
-        _box(ax, 0.6, 3.45, 3.6, 1.1, mix_label, color=_ROUTER)
-    _box(ax, 0.6, 5.35, 3.6, 1.25, "LayerNorm → " + ffn_label, color=_ACCENT if ffn != "dense" else _PLAIN)
-    for y in (4.95, 6.95):
-        ax.add_patch(Circle((2.4, y), 0.17, facecolor="white", edgecolor="#444444"))
-        ax.text(2.4, y, "+", ha="center", va="center", fontsize=10)
-    _box(ax, 0.6, 8.3, 3.6, 1.0, head)
-    _arrow(ax, (2.4, 0.9), (2.4, 1.5))
-    _arrow(ax, (2.4, 2.5), (2.4, 3.45))
-    _arrow(ax, (2.4, 4.55), (2.4, 4.78))
-    _arrow(ax, (2.4, 5.12), (2.4, 5.35))
-    _arrow(ax, (2.4, 6.6), (2.4, 6.78))
-    _arrow(ax, (2.4, 7.12), (2.4, 8.3))
-    for y0, y1 in ((3.2, 4.95), (5.1, 6.95)):  # residual connections
-        _arrow(ax, (0.6, y0), (2.23, y1), color="#888888", ls=":", rad=-0.45)
+    ax.text((g0 + g1) / 2, y0 + bh + 0.16, f"× {s['n_layers']} blocks, each sublayer residual",
+            fontsize=_ARCH_SMALL, ha="center", va="bottom", color="#444444")
+    inner = [(f"LayerNorm\nattention\n{heads} heads" if mixer == "attention"
+              else "LayerNorm\nconv mixer", _ROUTER)] if mixer != "none" else []
+    inner.append(("LayerNorm\n" + ffn_label, _ACCENT if ffn != "dense" else _PLAIN))
+    iw = (g1 - g0 - 0.2 - 0.2 * (len(inner) - 1)) / len(inner)
+    x = g0 + 0.1
+    for j, (label, color) in enumerate(inner):
+        _box(ax, x, y0, iw, bh, label, color=color, size=_ARCH_SMALL if ffn == "moe" else _ARCH_TEXT)
+        if j:
+            _arrow(ax, (x - 0.2, y0 + bh / 2), (x, y0 + bh / 2))
+        x += iw + 0.2
+    _box(ax, W - bw, y0, bw, bh, head)
+    _arrow(ax, (bw, y0 + bh / 2), (bw + gap, y0 + bh / 2))
+    _arrow(ax, (2 * bw + gap, y0 + bh / 2), (g0 + 0.1, y0 + bh / 2))
+    _arrow(ax, (g1 - 0.1, y0 + bh / 2), (W - bw, y0 + bh / 2))
     kind = ("" if ffn == "dense" else "MoE ") + ("Transformer LM" if lm else "classifier")
-    ax.set_title(f"{kind}: {s['n_layers']} blocks, "
-                 f"d_model={s['d_model']}", fontsize=10)
+    ax.set_title(f"{kind}: {s['n_layers']} blocks, d_model={s['d_model']}", fontsize=_ARCH_TEXT)
 
 
 @_styled
 def plot_architecture(model_or_config: Any, ax=None) -> Figure:
-    """Block diagram of an MoE layer, or of a whole model beside its MoE layer.
+    """Block diagram of an MoE layer, or of a whole model above its MoE layer.
 
     ``model_or_config``: a :class:`~moe_course.layers.MoELayer` (one panel: tokens -> router ->
     top-k experts highlighted -> weighted sum -> residual add -> output), or a model with a
     ``.config`` / a config (``LMConfig``, ``ClassifierConfig`` or a dict with their fields): the
     stack of blocks (mixer + MoE feed-forward, ``× n_layers``) labelled with the config's numbers,
-    next to the layer diagram. ``ax`` is only accepted for the one-panel layer diagram.
+    above the layer diagram. ``ax`` is only accepted for the one-panel layer diagram.
+
+    The figure is 6.4 in wide and all its text is at least 10 pt, so it is drawn at page width
+    without scaling (and stays legible at phone width).
     """
     s = _spec(model_or_config)
     if s["scope"] == "layer":
-        fig, ax = figure_and_axes(ax, (8.0, 4.8))
+        fig, ax = figure_and_axes(ax, (_ARCH_WIDTH, _layer_height(s) + 0.5))
         _draw_layer(ax, s)
         return fig
     if ax is not None:
         raise ValueError("ax: a whole-model diagram has two panels; pass ax=None (or draw an MoE layer)")
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13.0, 5.2), width_ratios=[1, 1.9])
-    _draw_stack(left, s)
-    _draw_layer(right, s)
+    hl = _layer_height(s)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(_ARCH_WIDTH, _STACK_HEIGHT + hl + 0.9),
+                                      height_ratios=[_STACK_HEIGHT + 0.3, hl + 0.6])
+    _draw_stack(top, s)
+    _draw_layer(bottom, s)
     return fig
 
 

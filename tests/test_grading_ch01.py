@@ -185,3 +185,129 @@ def test_checkers_leave_the_global_rng_alone():
 
 def test_a_non_callable_is_an_error_not_a_crash():
     assert ch01.check_gate_entropy(None, quiet=True).status == ERROR
+
+
+# ============================================================================================
+# The exercises as the notebook asks them now (solutions/01_dense_moe.ipynb); the mutation suite
+# (tests/mutants/ch01.py) holds one mutant per mistake class and the hint each must produce.
+# ============================================================================================
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+
+def soft_moe_stacked(x, gate_weight, w_in, w_out, w_gate=None):
+    g = torch.softmax(x @ gate_weight.T, dim=-1)
+    h = torch.einsum("td,ndf->ntf", x, w_in)
+    h = F.gelu(h) if w_gate is None else F.silu(torch.einsum("td,ndf->ntf", x, w_gate)) * h
+    return torch.einsum("tn,ntd->td", g, torch.einsum("ntf,nfd->ntd", h, w_out))
+
+
+def stacked_python_loop(x, gate_weight, w_in, w_out, w_gate=None):
+    # a weak attempt: the chapter's list version with GELU only (SwiGLU experts come out wrong)
+    g = torch.softmax(x @ gate_weight.T, dim=-1)
+    return sum(g[:, i:i + 1] * (F.gelu(x @ w_in[i]) @ w_out[i]) for i in range(w_in.shape[0]))
+
+
+def gate_weight_grad(x, gate_weight, expert_outputs, grad_y):
+    g = torch.softmax(x @ gate_weight.T, dim=-1)
+    y = torch.einsum("tn,ntd->td", g, expert_outputs)
+    return (g * torch.einsum("td,ntd->tn", grad_y, expert_outputs - y)).T @ x
+
+
+def grad_logits_only(x, gate_weight, expert_outputs, grad_y):
+    # the chapter's dL/dz, not chained through z = x W_g
+    g = torch.softmax(x @ gate_weight.T, dim=-1)
+    y = torch.einsum("tn,ntd->td", g, expert_outputs)
+    return g * torch.einsum("td,ntd->tn", grad_y, expert_outputs - y)
+
+
+def unstack_experts(w_in, w_out):
+    out = []
+    for wi, wo in zip(w_in, w_out):
+        m = nn.Sequential(nn.Linear(*wi.shape, bias=False), nn.GELU(), nn.Linear(*wo.shape, bias=False))
+        with torch.no_grad():
+            m[0].weight.copy_(wi.T)
+            m[2].weight.copy_(wo.T)
+        out.append(m)
+    return out
+
+
+def unstack_no_transpose(w_in, w_out):
+    # the chapter's copy loop run backwards without thinking about nn.Linear's layout
+    out = []
+    for wi, wo in zip(w_in, w_out):
+        m = nn.Sequential(nn.Linear(*wi.shape, bias=False), nn.GELU(), nn.Linear(*wo.shape, bias=False))
+        with torch.no_grad():
+            m[0].weight.copy_(wi.reshape(m[0].weight.shape))
+            m[2].weight.copy_(wo.reshape(m[2].weight.shape))
+        out.append(m)
+    return out
+
+
+def soft_vs_topk_gap(layer, x):
+    e = layer.experts
+    with torch.no_grad():
+        y_soft = soft_moe_stacked(x, layer.router.gate.weight, e.w_in, e.w_out, e.w_gate)
+        y_topk = layer(x)
+    return float((y_soft - y_topk).norm() / y_topk.norm())
+
+
+def gap_with_gelu_experts(layer, x):
+    # a weak attempt: w_gate forgotten, so the SwiGLU experts are run as GELU experts
+    e = layer.experts
+    with torch.no_grad():
+        y_soft = soft_moe_stacked(x, layer.router.gate.weight, e.w_in, e.w_out)
+        y_topk = layer(x)
+    return float((y_soft - y_topk).norm() / y_topk.norm())
+
+
+NEW_CASES = [
+    (ch01.check_soft_moe_stacked, soft_moe_stacked, stacked_python_loop, "w_gate is ignored"),
+    (ch01.check_gate_weight_grad, gate_weight_grad, grad_logits_only, "gradient of the logits"),
+    (ch01.check_unstack_experts, unstack_experts, unstack_no_transpose, "reshape"),
+]
+
+
+@pytest.mark.parametrize("check, good, weak, phrase", NEW_CASES, ids=lambda v: getattr(v, "__name__", ""))
+def test_new_exercises_graded_both_ways(check, good, weak, phrase):
+    assert check(good, quiet=True).status == PASS
+    bad = check(weak, quiet=True)
+    assert bad.status == FAIL and phrase in bad.message, bad.message
+
+
+def test_gate_weight_grad_forbids_autograd():
+    def with_autograd(x, gate_weight, expert_outputs, grad_y):
+        w = gate_weight.clone().requires_grad_(True)
+        with torch.enable_grad():
+            y = torch.einsum("tn,ntd->td", torch.softmax(x @ w.T, -1), expert_outputs)
+            (y * grad_y).sum().backward()
+        return w.grad
+
+    result = ch01.check_gate_weight_grad(with_autograd, quiet=True)
+    assert result.status == FAIL and "autograd" in result.message
+
+
+def test_soft_moe_stacked_forbids_the_package_layer():
+    from moe_course.layers import SoftMoE as _SoftMoE
+
+    def via_package(x, gate_weight, w_in, w_out, w_gate=None):
+        layer = _SoftMoE(x.shape[1], w_in.shape[0], w_in.shape[2])
+        with torch.no_grad():
+            layer.router.gate.weight.copy_(gate_weight)
+            layer.experts.w_in.copy_(w_in)
+            layer.experts.w_out.copy_(w_out)
+        return layer(x)
+
+    result = ch01.check_soft_moe_stacked(via_package, quiet=True)
+    assert result.status == FAIL and "package's own" in result.message
+
+
+def test_use_it_on_the_zoo_model_both_ways():
+    """The "use it" exercise runs the learner's function on the trained mnist1d-moe model and
+    accepts the reference within 1 %; the weak attempt (GELU experts) is caught with its hint."""
+    good = ch01.check_soft_vs_topk_gap(soft_vs_topk_gap, quiet=True)
+    assert good.status == PASS, good.message
+    bad = ch01.check_soft_vs_topk_gap(gap_with_gelu_experts, quiet=True)
+    assert bad.status == FAIL and "SwiGLU" in bad.message, bad.message
+    model, xs = ch01.real_hidden_states()
+    assert len(xs) == len(model.moe_layers()) and all(x.shape[0] == 256 * 20 for x in xs)

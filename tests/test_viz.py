@@ -194,3 +194,36 @@ def test_table_formats_numbers_and_hides_the_index():
     assert "1,234,567" in repr(viz.table(df)) and "0x" not in repr(viz.table(df))
     with pytest.raises(TypeError, match="df"):
         viz.table([1, 2])
+
+
+@pytest.mark.parametrize("make", [
+    lambda: SparseMoE(8, 8, 16, k=2),
+    lambda: SparseMoE(8, 64, 16, k=2, num_shared_experts=2, capacity_factor=1.25),
+    lambda: SoftMoE(8, 4, 16),
+    lambda: {"d_model": 32, "d_hidden": 64, "n_layers": 4, "n_heads": 4, "num_experts": 8, "k": 2,
+             "ffn": "moe", "vocab_size": 65, "context_length": 128},
+    lambda: {"d_model": 32, "d_hidden": 64, "n_layers": 2, "ffn": "soft", "num_experts": 4,
+             "input_length": 40, "num_tokens": 20, "num_classes": 10, "mixer": "conv"},
+])
+def test_plot_architecture_text_is_readable_at_page_width(make):
+    """The diagrams are drawn at most 7.5 in wide (the page column) with every label >= 10 pt,
+    so the page never scales them down and a phone (~360 px) still shows ~6 px text or more."""
+    from matplotlib.text import Text
+
+    fig = viz.plot_architecture(make())
+    try:
+        width, _ = fig.get_size_inches()
+        assert width <= 7.5
+        texts = [t for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
+        assert len(texts) >= 8
+        small = [(t.get_text(), t.get_fontsize()) for t in texts if t.get_fontsize() < 10]
+        assert not small, f"text under 10 pt: {small}"
+        # the labels stay inside the figure (nothing clipped at the page's edge)
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        fw, fh = fig.bbox.width, fig.bbox.height
+        for t in texts:
+            bb = t.get_window_extent(renderer)
+            assert bb.x0 >= -1 and bb.x1 <= fw + 1 and bb.y0 >= -1 and bb.y1 <= fh + 1, t.get_text()
+    finally:
+        plt.close(fig)

@@ -1,4 +1,5 @@
-"""Chapter 1: soft MoE forward, gate entropy, parameter count, stacking nn.Linear experts."""
+"""Chapter 1: the soft MoE on stacked tensors, the gate matrix's gradient by hand, the parameter count,
+unstacking experts into nn.Linear modules, the trained top-2 model run as a soft MoE."""
 
 from __future__ import annotations
 
@@ -10,134 +11,6 @@ import torch.nn.functional as F
 from . import Chapter
 
 M = Chapter("ch01")
-
-
-# ------------------------------------------------------------------ 1.1 soft_moe_forward
-@M.right("check_soft_moe_forward")
-def soft_moe_forward_loop(x, gate_weight, experts):
-    """A Python loop over the experts, F.linear for the logits."""
-    g = F.softmax(F.linear(x, gate_weight), dim=1)
-    y = torch.zeros_like(x)
-    for i, expert in enumerate(experts):
-        y = y + g[:, i:i + 1] * expert(x)
-    return y
-
-
-@M.wrong("check_soft_moe_forward", "token axis")
-def softmax_over_tokens(x, gate_weight, experts):
-    """softmax over dim=0 (the tokens)."""
-    g = torch.softmax(x @ gate_weight.T, dim=0)
-    return sum(g[:, i:i + 1] * e(x) for i, e in enumerate(experts))
-
-
-@M.wrong("check_soft_moe_forward", "raw logits")
-def no_softmax(x, gate_weight, experts):
-    """The raw logits weight the experts."""
-    g = x @ gate_weight.T
-    return sum(g[:, i:i + 1] * e(x) for i, e in enumerate(experts))
-
-
-@M.wrong("check_soft_moe_forward", "without the gate")
-def experts_summed(x, gate_weight, experts):
-    """The gate is forgotten: the experts' outputs are added."""
-    return sum(e(x) for e in experts)
-
-
-@M.wrong("check_soft_moe_forward", "equal weights")
-def experts_averaged(x, gate_weight, experts):
-    """Uniform 1/N weights."""
-    return torch.stack([e(x) for e in experts]).mean(0)
-
-
-@M.wrong("check_soft_moe_forward", "sigmoid")
-def sigmoid_gate(x, gate_weight, experts):
-    """A sigmoid gate instead of a softmax."""
-    g = torch.sigmoid(x @ gate_weight.T)
-    return sum(g[:, i:i + 1] * e(x) for i, e in enumerate(experts))
-
-
-@M.wrong("check_soft_moe_forward", "inf/nan")
-def unstable_softmax(x, gate_weight, experts):
-    """exp(logits) / sum exp(logits) without subtracting the max."""
-    e = (x @ gate_weight.T).exp()
-    g = e / e.sum(dim=-1, keepdim=True)
-    return sum(g[:, i:i + 1] * ex(x) for i, ex in enumerate(experts))
-
-
-@M.wrong("check_soft_moe_forward", "shape error")
-def gate_not_transposed(x, gate_weight, experts):
-    """x @ gate_weight instead of x @ gate_weight.T."""
-    g = torch.softmax(x @ gate_weight, dim=-1)
-    return sum(g[:, i:i + 1] * e(x) for i, e in enumerate(experts))
-
-
-@M.wrong("check_soft_moe_forward", "log_softmax")
-def log_softmax_gate(x, gate_weight, experts):
-    """log_softmax (log-probabilities) as gate values."""
-    g = torch.log_softmax(x @ gate_weight.T, dim=-1)
-    return sum(g[:, i:i + 1] * e(x) for i, e in enumerate(experts))
-
-
-# ------------------------------------------------------------------ 1.2 gate_entropy
-@M.right("check_gate_entropy")
-def gate_entropy_where(probs):
-    """0 log 0 handled with torch.where."""
-    logp = torch.where(probs > 0, probs.log(), torch.zeros_like(probs))
-    return -(probs * logp).sum(dim=-1)
-
-
-@M.right("check_gate_entropy")
-def gate_entropy_entr(probs):
-    """torch.special.entr."""
-    return torch.special.entr(probs).sum(-1)
-
-
-@M.wrong("check_gate_entropy", "one value per expert")
-def entropy_over_tokens(probs):
-    """Summed over the token axis."""
-    return -torch.special.xlogy(probs, probs).sum(dim=0)
-
-
-@M.wrong("check_gate_entropy", "sign is flipped")
-def entropy_sign(probs):
-    """sum p log p, without the minus."""
-    return torch.special.xlogy(probs, probs).sum(dim=-1)
-
-
-@M.wrong("check_gate_entropy", "bits")
-def entropy_bits(probs):
-    """log2 instead of the natural log."""
-    return -torch.special.xlogy(probs, probs).sum(dim=-1) / math.log(2)
-
-
-@M.wrong("check_gate_entropy", "normalised by log n")
-def entropy_normalised(probs):
-    """Divided by log N."""
-    return -torch.special.xlogy(probs, probs).sum(dim=-1) / math.log(probs.shape[-1])
-
-
-@M.wrong("check_gate_entropy", "nan for a gate with exact zeros")
-def entropy_nan_on_zeros(probs):
-    """p * log p, nan where p = 0."""
-    return -(probs * probs.log()).sum(dim=-1)
-
-
-@M.wrong("check_gate_entropy", "single number")
-def entropy_mean_over_tokens(probs):
-    """One number: the mean over tokens."""
-    return -torch.special.xlogy(probs, probs).sum(dim=-1).mean()
-
-
-@M.wrong("check_gate_entropy", "[b, t, n]")
-def entropy_dim_1(probs):
-    """dim=1 hard-coded: right for [T, N], wrong for [B, T, N]."""
-    return -torch.special.xlogy(probs, probs).sum(dim=1)
-
-
-@M.wrong("check_gate_entropy", "averaged over the experts")
-def entropy_mean_over_experts(probs):
-    """Mean over the experts instead of the sum."""
-    return -torch.special.xlogy(probs, probs).mean(dim=-1)
 
 
 # ------------------------------------------------------------------ 1.3 soft_moe_params
@@ -191,51 +64,296 @@ def params_one_expert(d_model, d_hidden, num_experts, output_proj=False):
     return 2 * d_model * d_hidden + num_experts * d_model + (d_model * d_model + d_model if output_proj else 0)
 
 
-# ------------------------------------------------------------------ 1.4 load_experts_into_stack
-@M.right("check_load_experts_into_stack")
-def stack_then_transpose(mlps):
-    """Stack the [out, in] weights, then swap the last two axes."""
-    w_in = torch.stack([m[0].weight for m in mlps]).transpose(1, 2).detach().clone()
-    w_out = torch.stack([m[2].weight for m in mlps]).transpose(1, 2).detach().clone()
-    return w_in, w_out
+# ================================================================== the exercises as asked now
+def _mix(x, gate_weight, outs, dim=-1):
+    return torch.einsum("tn,ntd->td", torch.softmax(x @ gate_weight.T, dim=dim), outs)
 
 
-@M.wrong("check_load_experts_into_stack", "not transposed")
-def stack_no_transpose(mlps):
-    """nn.Linear's [out, in] weights stacked as they are."""
-    return torch.stack([m[0].weight.detach() for m in mlps]), torch.stack([m[2].weight.detach() for m in mlps])
+def _outs(x, w_in, w_out, w_gate=None, act=F.gelu):
+    h = torch.einsum("td,ndf->ntf", x, w_in)
+    h = act(h) if w_gate is None else F.silu(torch.einsum("td,ndf->ntf", x, w_gate)) * h
+    return torch.einsum("ntf,nfd->ntd", h, w_out)
 
 
-@M.wrong("check_load_experts_into_stack", "swapped")
-def stack_swapped(mlps):
-    """w_in from the last Linear, w_out from the first."""
-    return torch.stack([m[2].weight.detach().T for m in mlps]), torch.stack([m[0].weight.detach().T for m in mlps])
+# ------------------------------------------------------------------ 1.1 soft_moe_stacked
+@M.right("check_soft_moe_stacked")
+def stacked_bmm(x, gate_weight, w_in, w_out, w_gate=None):
+    """torch.matmul broadcasting over the expert axis, F.linear for the logits."""
+    g = F.softmax(F.linear(x, gate_weight), dim=1)
+    h = torch.matmul(x.unsqueeze(0), w_in)
+    h = F.gelu(h) if w_gate is None else F.silu(torch.matmul(x.unsqueeze(0), w_gate)) * h
+    outs = torch.matmul(h, w_out)
+    return (g.T.unsqueeze(-1) * outs).sum(0)
 
 
-@M.wrong("check_load_experts_into_stack", "reverse order")
-def stack_reversed(mlps):
+@M.wrong("check_soft_moe_stacked", "token axis")
+def stacked_softmax_tokens(x, gate_weight, w_in, w_out, w_gate=None):
+    """softmax over dim=0 (the tokens)."""
+    return _mix(x, gate_weight, _outs(x, w_in, w_out, w_gate), dim=0)
+
+
+@M.wrong("check_soft_moe_stacked", "raw logits")
+def stacked_no_softmax(x, gate_weight, w_in, w_out, w_gate=None):
+    """The raw logits weight the experts."""
+    return torch.einsum("tn,ntd->td", x @ gate_weight.T, _outs(x, w_in, w_out, w_gate))
+
+
+@M.wrong("check_soft_moe_stacked", "equal weights")
+def stacked_mean(x, gate_weight, w_in, w_out, w_gate=None):
+    """The experts averaged, gate ignored."""
+    return _outs(x, w_in, w_out, w_gate).mean(0)
+
+
+@M.wrong("check_soft_moe_stacked", "relu")
+def stacked_relu(x, gate_weight, w_in, w_out, w_gate=None):
+    """ReLU instead of GELU."""
+    return _mix(x, gate_weight, _outs(x, w_in, w_out, w_gate, act=torch.relu))
+
+
+@M.wrong("check_soft_moe_stacked", "tanh approximation")
+def stacked_gelu_tanh(x, gate_weight, w_in, w_out, w_gate=None):
+    """GELU with approximate='tanh'."""
+    return _mix(x, gate_weight, _outs(x, w_in, w_out, w_gate, act=lambda h: F.gelu(h, approximate="tanh")))
+
+
+@M.wrong("check_soft_moe_stacked", "w_gate is ignored")
+def stacked_ignores_w_gate(x, gate_weight, w_in, w_out, w_gate=None):
+    """Always GELU, even for SwiGLU experts."""
+    return _mix(x, gate_weight, _outs(x, w_in, w_out, None))
+
+
+@M.wrong("check_soft_moe_stacked", "branches are swapped")
+def stacked_swiglu_swapped(x, gate_weight, w_in, w_out, w_gate=None):
+    """silu on the w_in branch."""
+    if w_gate is None:
+        return _mix(x, gate_weight, _outs(x, w_in, w_out))
+    return _mix(x, gate_weight, _outs(x, w_gate, w_out, w_in))
+
+
+@M.wrong("check_soft_moe_stacked", "shape error")
+def stacked_transposed_w_in(x, gate_weight, w_in, w_out, w_gate=None):
+    """nn.Linear habits: x @ w_in[i].T."""
+    return _mix(x, gate_weight, _outs(x, w_in.transpose(1, 2), w_out.transpose(1, 2),
+                                      None if w_gate is None else w_gate.transpose(1, 2)))
+
+
+@M.wrong("check_soft_moe_stacked", "SoftMoE")
+def stacked_calls_package(x, gate_weight, w_in, w_out, w_gate=None):
+    """Builds a package SoftMoE and copies the weights in (forbidden)."""
+    from moe_course.layers import SoftMoE
+    layer = SoftMoE(x.shape[1], w_in.shape[0], w_in.shape[2])
+    with torch.no_grad():
+        layer.router.gate.weight.copy_(gate_weight)
+        layer.experts.w_in.copy_(w_in)
+        layer.experts.w_out.copy_(w_out)
+    return layer(x)
+
+
+@M.wrong("check_soft_moe_stacked", "differentiably")
+def stacked_detached(x, gate_weight, w_in, w_out, w_gate=None):
+    """Computed under torch.no_grad()."""
+    with torch.no_grad():
+        return _mix(x, gate_weight, _outs(x, w_in, w_out, w_gate))
+
+
+# ------------------------------------------------------------------ 1.2 gate_weight_grad
+def _dz(x, gate_weight, outs, grad_y):
+    g = torch.softmax(x @ gate_weight.T, dim=-1)
+    y = torch.einsum("tn,ntd->td", g, outs)
+    return g, y, g * torch.einsum("td,ntd->tn", grad_y, outs - y)
+
+
+@M.right("check_gate_weight_grad")
+def grad_by_loops(x, gate_weight, expert_outputs, grad_y):
+    """Per token and expert with Python loops, outer products summed."""
+    T, d = x.shape
+    N = gate_weight.shape[0]
+    g = torch.softmax(x @ gate_weight.T, dim=-1)
+    out = torch.zeros(N, d, dtype=x.dtype)
+    for t in range(T):
+        y = sum(g[t, i] * expert_outputs[i, t] for i in range(N))
+        for j in range(N):
+            out[j] += g[t, j] * torch.dot(grad_y[t], expert_outputs[j, t] - y) * x[t]
+    return out
+
+
+@M.wrong("check_gate_weight_grad", "'- y' is missing")
+def grad_no_minus_y(x, gate_weight, expert_outputs, grad_y):
+    """<dL/dy, E_j> without subtracting the mix."""
+    g = torch.softmax(x @ gate_weight.T, dim=-1)
+    return (g * torch.einsum("td,ntd->tn", grad_y, expert_outputs)).T @ x
+
+
+@M.wrong("check_gate_weight_grad", "factor g_j is missing")
+def grad_no_g(x, gate_weight, expert_outputs, grad_y):
+    """The softmax Jacobian's g_j factor forgotten."""
+    g, y, _ = _dz(x, gate_weight, expert_outputs, grad_y)
+    return torch.einsum("td,ntd->tn", grad_y, expert_outputs - y).T @ x
+
+
+@M.wrong("check_gate_weight_grad", "sign is flipped")
+def grad_negated(x, gate_weight, expert_outputs, grad_y):
+    """The descent direction instead of the gradient."""
+    return -(_dz(x, gate_weight, expert_outputs, grad_y)[2].T @ x)
+
+
+@M.wrong("check_gate_weight_grad", "averaged over the tokens")
+def grad_mean(x, gate_weight, expert_outputs, grad_y):
+    """Divided by T."""
+    return _dz(x, gate_weight, expert_outputs, grad_y)[2].T @ x / x.shape[0]
+
+
+@M.wrong("check_gate_weight_grad", "gradient of the logits")
+def grad_of_logits(x, gate_weight, expert_outputs, grad_y):
+    """Returns dL/dz [T, N] (no chain rule through z = x W_g^T)."""
+    return _dz(x, gate_weight, expert_outputs, grad_y)[2]
+
+
+@M.wrong("check_gate_weight_grad", "shape [d, n]")
+def grad_transposed(x, gate_weight, expert_outputs, grad_y):
+    """x.T @ dL/dz: [d, N]."""
+    return x.T @ _dz(x, gate_weight, expert_outputs, grad_y)[2]
+
+
+@M.wrong("check_gate_weight_grad", "plain average")
+def grad_mean_not_mix(x, gate_weight, expert_outputs, grad_y):
+    """y taken as the unweighted mean of the experts."""
+    g = torch.softmax(x @ gate_weight.T, dim=-1)
+    return (g * torch.einsum("td,ntd->tn", grad_y, expert_outputs - expert_outputs.mean(0))).T @ x
+
+
+@M.wrong("check_gate_weight_grad", "autograd")
+def grad_autograd(x, gate_weight, expert_outputs, grad_y):
+    """torch.autograd.grad (forbidden: derive it)."""
+    w = gate_weight.clone().requires_grad_(True)
+    with torch.enable_grad():
+        y = torch.einsum("tn,ntd->td", torch.softmax(x @ w.T, -1), expert_outputs)
+        return torch.autograd.grad((y * grad_y).sum(), w)[0]
+
+
+# ------------------------------------------------------------------ 1.4 unstack_experts
+def _unstack(w_in, w_out, t=True, bias=False, act=torch.nn.GELU, swap=False, order=None):
+    import torch.nn as nn
+    N, d, f = w_in.shape
+    out = []
+    for i in (order if order is not None else range(N)):
+        a, b = (w_out[i], w_in[i]) if swap else (w_in[i], w_out[i])
+        m = nn.Sequential(nn.Linear(a.shape[0], a.shape[1], bias=bias), act(),
+                          nn.Linear(b.shape[0], b.shape[1], bias=bias))
+        with torch.no_grad():
+            m[0].weight.copy_(a.T if t else a.reshape(a.shape[1], a.shape[0]))
+            m[2].weight.copy_(b.T if t else b.reshape(b.shape[1], b.shape[0]))
+        out.append(m)
+    return out
+
+
+@M.right("check_unstack_experts")
+def unstack_parameters(w_in, w_out):
+    """nn.Parameter of transposed copies, ModuleList returned."""
+    import torch.nn as nn
+    mlps = nn.ModuleList()
+    for wi, wo in zip(w_in, w_out):
+        m = nn.Sequential(nn.Linear(wi.shape[0], wi.shape[1], bias=False), nn.GELU(),
+                          nn.Linear(wo.shape[0], wo.shape[1], bias=False))
+        m[0].weight = nn.Parameter(wi.t().contiguous().clone())
+        m[2].weight = nn.Parameter(wo.t().contiguous().clone())
+        mlps.append(m)
+    return mlps
+
+
+@M.wrong("check_unstack_experts", "reshape")
+def unstack_reshape(w_in, w_out):
+    """reshape instead of a transpose."""
+    return _unstack(w_in, w_out, t=False)
+
+
+@M.wrong("check_unstack_experts", "no biases")
+def unstack_with_bias(w_in, w_out):
+    """nn.Linear with its default bias."""
+    return _unstack(w_in, w_out, bias=True)
+
+
+@M.wrong("check_unstack_experts", "relu")
+def unstack_relu(w_in, w_out):
+    """nn.ReLU as the hidden nonlinearity."""
+    return _unstack(w_in, w_out, act=torch.nn.ReLU)
+
+
+@M.wrong("check_unstack_experts", "swapped")
+def unstack_swapped(w_in, w_out):
+    """The first Linear built from w_out."""
+    return _unstack(w_in, w_out, swap=True)
+
+
+@M.wrong("check_unstack_experts", "keep the order")
+def unstack_reversed(w_in, w_out):
     """The experts in reverse order."""
-    return (torch.stack([m[0].weight.detach().T for m in reversed(mlps)]),
-            torch.stack([m[2].weight.detach().T for m in reversed(mlps)]))
+    return _unstack(w_in, w_out, order=range(w_in.shape[0] - 1, -1, -1))
 
 
-@M.wrong("check_load_experts_into_stack", "reshape")
-def stack_reshaped(mlps):
-    """reshape/view instead of a transpose (right shape, scrambled values)."""
-    d, h = mlps[0][0].in_features, mlps[0][0].out_features
-    return (torch.stack([m[0].weight.detach().reshape(d, h) for m in mlps]),
-            torch.stack([m[2].weight.detach().reshape(h, d) for m in mlps]))
+@M.wrong("check_unstack_experts", "expected 3 experts", "got 4")
+def unstack_off_by_one(w_in, w_out):
+    """One expert too many (range(N + 1) with the last repeated)."""
+    out = _unstack(w_in, w_out)
+    return out + out[-1:]
 
 
-@M.wrong("check_load_experts_into_stack", "expected shape")
-def stack_on_wrong_axis(mlps):
-    """torch.stack(..., dim=1): the expert axis in the middle."""
-    return (torch.stack([m[0].weight.detach().T for m in mlps], dim=1),
-            torch.stack([m[2].weight.detach().T for m in mlps], dim=1))
+# ------------------------------------------------------------------ 1.5 soft_vs_topk_gap (use it)
+def _gap_parts(layer, x, w_gate=True):
+    e = layer.experts
+    with torch.no_grad():
+        y_soft = _mix(x, layer.router.gate.weight, _outs(x, e.w_in, e.w_out, e.w_gate if w_gate else None))
+        y_topk = layer(x)
+    return y_soft, y_topk
 
 
-@M.wrong("check_load_experts_into_stack", "mlps[i][0].weight.t")
-def stack_first_expert_only(mlps):
-    """Every slot filled with expert 0."""
-    return (torch.stack([mlps[0][0].weight.detach().T for _ in mlps]),
-            torch.stack([mlps[0][2].weight.detach().T for _ in mlps]))
+@M.right("check_soft_vs_topk_gap")
+def gap_via_forward_sum(layer, x):
+    """Squared norms summed by hand, a tensor returned."""
+    y_soft, y_topk = _gap_parts(layer, x)
+    return ((y_soft - y_topk).pow(2).sum() / y_topk.pow(2).sum()).sqrt()
+
+
+@M.wrong("check_soft_vs_topk_gap", "percentage")
+def gap_percent(layer, x):
+    """100 x the ratio."""
+    y_soft, y_topk = _gap_parts(layer, x)
+    return 100 * float((y_soft - y_topk).norm() / y_topk.norm())
+
+
+@M.wrong("check_soft_vs_topk_gap", "soft output's norm")
+def gap_over_soft(layer, x):
+    """Relative to the soft output."""
+    y_soft, y_topk = _gap_parts(layer, x)
+    return float((y_soft - y_topk).norm() / y_soft.norm())
+
+
+@M.wrong("check_soft_vs_topk_gap", "not relative")
+def gap_absolute(layer, x):
+    """The absolute norm of the difference."""
+    y_soft, y_topk = _gap_parts(layer, x)
+    return float((y_soft - y_topk).norm())
+
+
+@M.wrong("check_soft_vs_topk_gap", "per-token ratios")
+def gap_per_token(layer, x):
+    """The mean of per-token relative differences."""
+    y_soft, y_topk = _gap_parts(layer, x)
+    return float(((y_soft - y_topk).norm(dim=1) / y_topk.norm(dim=1)).mean())
+
+
+@M.wrong("check_soft_vs_topk_gap", "swiglu")
+def gap_gelu(layer, x):
+    """w_gate not passed: GELU experts instead of the model's SwiGLU."""
+    y_soft, y_topk = _gap_parts(layer, x, w_gate=False)
+    return float((y_soft - y_topk).norm() / y_topk.norm())
+
+
+@M.wrong("check_soft_vs_topk_gap", "package's own")
+def gap_package(layer, x):
+    """Runs the experts with the package's Experts.forward_all (forbidden)."""
+    with torch.no_grad():
+        g = torch.softmax(x @ layer.router.gate.weight.T, -1)
+        y_soft = torch.einsum("tn,ntd->td", g, layer.experts.forward_all(x))
+        y_topk = layer(x)
+    return float((y_soft - y_topk).norm() / y_topk.norm())
