@@ -67,11 +67,12 @@ COLAB_BADGE_IMAGE = "https://colab.research.google.com/assets/colab-badge.svg"
 # installed with `pip install -e .`). `%pip` inside the `if` is fine: IPython rewrites indented
 # line magics too.
 INSTALL_SOURCE = (
-    "# On Colab, install the course package first (locally: `pip install -e .` in the repository).\n"
+    "# On Colab, install the course package first, with its transformers bridge (chapter 12)\n"
+    "# (locally: `pip install -e \".[hf]\"` in the repository).\n"
     "import sys\n"
     "\n"
     'if "google.colab" in sys.modules:\n'
-    f'    %pip install -q "moe-course @ git+{REPO_URL}@{BRANCH}"'
+    f'    %pip install -q "moe-course[hf] @ git+{REPO_URL}@{BRANCH}"'
 )
 _SOLUTION_NOTE = "*Solution notebook"
 # A Colab badge link at the very start of a markdown cell, whatever notebook it opens.
