@@ -184,7 +184,7 @@ _NM_HINTS = {
 }
 
 
-@checker("Exercise 4.1: n:m semi-structured mask")
+@checker("Exercise 4.1: n:m semi-structured mask", forbid=("moe_course.compress.sparsity.nm_mask",))
 def check_nm_mask(nm_mask) -> None:
     hand = torch.tensor([[0.5, -2.0, 0.1, 1.0, -0.05, 3.0, -0.7, 0.2],
                          [0.3, 0.4, -0.9, 0.05, 1.5, -1.6, 0.01, 0.02]])
@@ -206,6 +206,8 @@ def check_nm_mask(nm_mask) -> None:
         for name, v in _nm_variants(w, n, m).items():
             if v is not None and torch.equal(out, v):
                 raise CheckFailed(f"{_NM_HINTS[name]} {desc}")
+        if w.dim() >= 2 and bool((out.transpose(-1, -2).reshape(-1, m).sum(1) == n).all()):
+            raise CheckFailed(f"{_NM_HINTS['axis']} {desc}")
         per_group = (out.reshape(-1, m)).sum(1)
         if not bool((per_group == n).all()):
             raise CheckFailed(f"every group of {m} consecutive weights must keep exactly {n}; one of yours keeps "
@@ -263,7 +265,8 @@ def _masked_copy(model, n: int, m: int, axis: str = "input", names=_EXPERT_MATS)
 # --------------------------------------------------------------------------------------------
 # Exercise 4.3 (use it): 2:4 sparsity on the Shakespeare model
 # --------------------------------------------------------------------------------------------
-@checker("Exercise 4.3: 2:4 sparsity on the Shakespeare model", timeout=180)
+@checker("Exercise 4.3: 2:4 sparsity on the Shakespeare model", timeout=180,
+         forbid=("moe_course.compress.sparsity.nm_mask", "moe_course.compress.sparsity.sparsify"))
 def check_nm_prune(nm_prune) -> None:
     """``nm_prune(model, n, m) -> new model``: every expert matrix masked by the learner's n:m mask
     along the input dimension; then validation perplexity at 2:4 and 1:4."""
@@ -429,15 +432,6 @@ def check_global_prune(global_prune) -> None:
     kept = [_kept_ids(o, n) for o, n in zip(orig, layers)]
     expect(all(ids is not None for ids in kept), "the kept experts must be copies of original experts (their "
                                                  "w_in slices unchanged)")
-    small_total = 10
-    few = global_prune(copy.deepcopy(pristine), calib, small_total)
-    expect(isinstance(few, torch.nn.Module), f"with total={small_total} your function returned {describe(few)}")
-    few_counts = [layer.num_experts for layer in moe_layers(few)]
-    expect(sum(few_counts) == small_total, f"with total={small_total} your model keeps {sum(few_counts)} experts "
-                                           f"({few_counts} per layer); the budget is total={small_total}")
-    expect(min(few_counts) >= k, f"with total={small_total} a layer keeps {min(few_counts)} expert(s) "
-                                 f"({few_counts} per layer): every layer must keep at least k={k}, or its router "
-                                 "cannot choose k experts; skip an expert whose layer is down to k")
     got = _perplexity(out, val)
     freq = _perplexity(prune_experts(pristine, GLOBAL_TOTAL // len(orig), calib=calib, method="frequency"), val)
     target = (1 - GLOBAL_MARGIN) * freq
@@ -445,6 +439,15 @@ def check_global_prune(global_prune) -> None:
           f"{GLOBAL_TOTAL} of {sum(o.num_experts for o in orig)} experts kept ({counts} per layer): yours "
           f"{got:.3f}, frequency per layer {freq:.3f}, target <= {target:.3f}")
     if got <= target:
+        small_total = 10
+        few = global_prune(copy.deepcopy(pristine), calib, small_total)
+        expect(isinstance(few, torch.nn.Module), f"with total={small_total} your function returned {describe(few)}")
+        few_counts = [layer.num_experts for layer in moe_layers(few)]
+        expect(sum(few_counts) == small_total, f"with total={small_total} your model keeps {sum(few_counts)} experts "
+                                               f"({few_counts} per layer); the budget is total={small_total}")
+        expect(min(few_counts) >= k, f"with total={small_total} a layer keeps {min(few_counts)} expert(s) "
+                                     f"({few_counts} per layer): every layer must keep at least k={k}, or its router "
+                                     "cannot choose k experts; skip an expert whose layer is down to k")
         return
     if len(set(counts)) == 1:
         raise CheckFailed(_GLOBAL_HINTS["uniform"])

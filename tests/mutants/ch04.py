@@ -218,7 +218,7 @@ def nm_prune_only_w_in(model, n, m):
     return _nm_prune(model, n, m, names=("w_in",))
 
 
-@M.wrong("check_nm_prune", "input model itself")
+@M.wrong("check_nm_prune", "modified its input")
 def nm_prune_in_place(model, n, m):
     """Masks the input model and returns it."""
     return _nm_prune(model, n, m, copy_model=False)
@@ -245,7 +245,7 @@ def nm_prune_unstructured(model, n, m):
     return out
 
 
-@M.wrong("check_nm_prune", "modified the input model")
+@M.wrong("check_nm_prune", "modified its input")
 def nm_prune_copies_too_late(model, n, m):
     """Masks the input model, then returns a copy of it."""
     return copy.deepcopy(_nm_prune(model, n, m, copy_model=False))
@@ -271,12 +271,13 @@ def _scores(model, calib, kind):
 
 
 def _drop_global(scores, total, k, guard=True, slack=0):
+    floor = k if guard else 1
     kept = [set(range(len(s))) for s in scores]
     n_drop = sum(len(s) for s in kept) - total - slack
     for _, layer, e in sorted((float(s[e]), l, e) for l, s in enumerate(scores) for e in range(len(s))):
         if n_drop <= 0:
             break
-        if not guard or len(kept[layer]) > k:
+        if len(kept[layer]) > floor:
             kept[layer].discard(e)
             n_drop -= 1
     return [sorted(s) for s in kept]
@@ -353,7 +354,7 @@ def global_off_by_one(model, calib, total):
 
 @M.wrong("check_global_prune", "at least k")
 def global_no_k_guard(model, calib, total):
-    """No floor of k experts per layer."""
+    """Keeps at least one expert per layer, not k."""
     return _global(model, calib, total, guard=False)
 
 
