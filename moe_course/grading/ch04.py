@@ -393,8 +393,7 @@ _GLOBAL_HINTS = {
 
 
 @checker("Exercise 4.4: global expert pruning under one budget", timeout=240,
-         forbid=("moe_course.compress.trimming.drop_experts", "moe_course.compress.trimming.expert_scores",
-                 "moe_course.compress.pruning.score_experts"))
+         forbid=("moe_course.compress.trimming.drop_experts", "moe_course.compress.trimming.expert_scores"))
 def check_global_prune(global_prune) -> None:
     """``global_prune(model, calib, total) -> new model`` with ``total`` experts kept over all layers
     (at least k per layer, experts and router rows physically removed); its validation perplexity
