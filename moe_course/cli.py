@@ -38,8 +38,8 @@ from moe_course import __version__
 
 __all__ = ["main", "find_repo_root", "find_book_dir", "cache_dir"]
 
-DEFAULT_ZOO_MODELS = ("shakespeare-moe", "mnist1d-moe")
-TABLE_MODELS = ("shakespeare-moe", "mnist1d-moe")  # mirrors moe_course.course_table.TABLE_MODELS (not imported: torch)
+DEFAULT_ZOO_MODELS = ("shakespeare-moe", "mnist1d-moe", "digits-moe")
+TABLE_MODELS = ("shakespeare-moe", "mnist1d-moe", "digits-moe")  # mirrors moe_course.course_table.TABLE_MODELS (not imported: torch)
 EXIT_CODES = """exit codes:
   0  success{extra0}
   1  {extra1}

@@ -20,7 +20,7 @@ from moe_course.train import evaluate
 
 __all__ = ["compression_table", "table_recipes", "TABLE_MODELS", "ROW_KEYS"]
 
-TABLE_MODELS = ("shakespeare-moe", "mnist1d-moe")
+TABLE_MODELS = ("shakespeare-moe", "mnist1d-moe", "digits-moe")
 ROW_KEYS = ("technique", "steps", "bytes", "ratio", "quality", "metric", "higher_is_better", "latency_ms")
 
 
@@ -106,16 +106,16 @@ def compression_table(model_name: str, *, preset: str | None = None, cache_dir: 
     bytes, ``quality``, ``metric``, ``higher_is_better``, measured ``latency_ms`` of one batch, best of the repeats).
 
     Quality is measured on the zoo model's validation split (``quick``: its first 128 LM blocks /
-    500 MNIST-1D rows, and fewer variants); calibration and KD recovery use the training split.
+    500 classifier rows, and fewer variants); calibration and KD recovery use the training split.
     Latency is the best (minimum) of ``latency_repeats`` forward passes of one validation batch
-    (16 LM blocks of 64 tokens / 64 MNIST-1D rows), measured round-robin over all variants so that
+    (16 LM blocks of 64 tokens / 64 MNIST-1D signals or digit images), measured round-robin over all variants so that
     a change in the machine's load hits every variant alike; the minimum is the run least disturbed
     by other processes (as ``timeit`` recommends), which matters on a shared machine. The single techniques follow He et al.
     (2024) (expert/layer/block drop, quantization), Li et al. (2024) (M-SMoE, MC-SMoE), Lu et al.
     (2024) (NAEE) and Chen et al. (2025) (HC-SMoE).
 
     Args:
-        model_name: ``"shakespeare-moe"`` or ``"mnist1d-moe"``.
+        model_name: ``"shakespeare-moe"``, ``"mnist1d-moe"`` or ``"digits-moe"``.
         preset: the zoo preset (default ``"auto"``).
         cache_dir: the zoo cache directory (default: ``$MOE_COURSE_CACHE`` / the user cache).
         quick: fewer variants and a smaller evaluation set (for a fast look or CI).

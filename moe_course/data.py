@@ -8,6 +8,10 @@
 * Classification: MNIST-1D (Greydanus & Steinbach 2024, "Scaling down deep learning with
   MNIST-1D"), generated locally from its templates by ``mnist1d.data.make_dataset``; its
   downloading ``get_dataset`` is never called.
+* Images: the 8x8 handwritten digits of UCI optdigits (Alpaydin & Kaynak 1998; 1,797 real images
+  of 10 digits written by 43 people), read from the copy inside the scikit-learn wheel by
+  ``sklearn.datasets.load_digits`` (no download), split train/validation/test by a seeded,
+  stratified draw.
 * Anything else: local ``.txt`` files, or a hub dataset name for readers who are online.
 """
 
@@ -33,6 +37,8 @@ __all__ = [
     "CharTokenizer",
     "lm_blocks",
     "load_mnist1d",
+    "load_digits",
+    "digits_split_indices",
     "load_text_dataset",
     "batches",
 ]
@@ -70,7 +76,7 @@ def _check_dataset(dataset: Any, name: str = "dataset") -> datasets.Dataset:
 
 
 def _arrays_to_dataset(columns: dict[str, np.ndarray], description: str = "") -> datasets.Dataset:
-    """Build an in-memory Dataset straight from arrow buffers.
+    """Build an in-memory Dataset straight from arrow buffers (rows of any fixed shape).
 
     ``Dataset.from_dict`` goes through Python lists for 2-D arrays (slow) and narrows int64 to
     int32 on inference; a fixed-size-list arrow column keeps the dtype and the row length.
@@ -80,10 +86,11 @@ def _arrays_to_dataset(columns: dict[str, np.ndarray], description: str = "") ->
         array = np.ascontiguousarray(array)
         if array.ndim == 1:
             arrow[name] = pa.array(array)
-        elif array.ndim == 2:
-            arrow[name] = pa.FixedSizeListArray.from_arrays(pa.array(array.reshape(-1)), array.shape[1])
-        else:
-            raise ValueError(f"column {name!r} must be 1-D or 2-D, got shape {array.shape}")
+        else:  # a row of shape (a, b, ...) is nested fixed-size lists: torch format gives [N, a, b, ...]
+            column = pa.array(array.reshape(-1))
+            for size in reversed(array.shape[1:]):
+                column = pa.FixedSizeListArray.from_arrays(column, size)
+            arrow[name] = column
     info = datasets.DatasetInfo(description=description)
     return datasets.Dataset(pa.table(arrow), info=info)
 
@@ -400,6 +407,75 @@ def load_mnist1d(seed: int = 42, num_samples: int = 5000, val_fraction: float = 
     splits["test"] = _arrays_to_dataset({"x": arrays["x_test"], "y": arrays["y_test"]}, description)
     order = [s for s in ("train", "validation", "test") if s in splits]
     return datasets.DatasetDict({s: splits[s].with_format("torch") for s in order})
+
+
+# --------------------------------------------------------------------------------------------
+# 8x8 handwritten digits (UCI optdigits, shipped with scikit-learn)
+# --------------------------------------------------------------------------------------------
+DIGITS_SIZE = 1797  # images in sklearn.datasets.load_digits (UCI optdigits, the 8x8 version)
+
+
+@functools.lru_cache(maxsize=1)
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    try:
+        from sklearn.datasets import load_digits as _sk_load_digits
+    except ImportError:
+        raise ImportError("the digits data set ships with scikit-learn: pip install scikit-learn") from None
+    raw = _sk_load_digits()
+    # Pixel values are counts 0..16 (the number of set pixels in a 4x4 block of the 32x32 scan).
+    images = (np.asarray(raw.images, dtype=np.float32) / 16.0)[:, None]
+    labels = np.asarray(raw.target, dtype=np.int64)
+    if images.shape != (DIGITS_SIZE, 1, 8, 8) or labels.shape != (DIGITS_SIZE,):
+        raise RuntimeError(f"sklearn's digits have shape {images.shape}, expected ({DIGITS_SIZE}, 1, 8, 8)")
+    images.setflags(write=False)
+    labels.setflags(write=False)
+    return images, labels
+
+
+def digits_split_indices(
+    seed: int = 0, val_fraction: float = 0.1, test_fraction: float = 0.2
+) -> dict[str, np.ndarray]:
+    """Row indices (into ``sklearn.datasets.load_digits()``) of each split of :func:`load_digits`.
+
+    Stratified: within every class the rows are shuffled by ``np.random.default_rng(seed)`` and
+    ``round(n_c * test_fraction)`` go to "test", ``round(n_c * val_fraction)`` to "validation", the
+    rest to "train"; each split is sorted by row index. Disjoint, and together all 1,797 rows.
+    """
+    seed = _check_int(seed, "seed", minimum=0)
+    val_fraction = _check_fraction(val_fraction, "val_fraction", allow_zero=True)
+    test_fraction = _check_fraction(test_fraction, "test_fraction", allow_zero=False)
+    if val_fraction + test_fraction >= 1.0:
+        raise ValueError(f"val_fraction + test_fraction must be < 1, got {val_fraction} + {test_fraction}")
+    _, labels = _digits_arrays()
+    rng = np.random.default_rng(seed)
+    parts: dict[str, list[np.ndarray]] = {"train": [], "validation": [], "test": []}
+    for c in range(10):
+        rows = rng.permutation(np.flatnonzero(labels == c))
+        n_test, n_val = round(len(rows) * test_fraction), round(len(rows) * val_fraction)
+        parts["test"].append(rows[:n_test])
+        parts["validation"].append(rows[n_test : n_test + n_val])
+        parts["train"].append(rows[n_test + n_val :])
+    return {k: np.sort(np.concatenate(v)) for k, v in parts.items()}
+
+
+def load_digits(seed: int = 0, val_fraction: float = 0.1, test_fraction: float = 0.2) -> datasets.DatasetDict:
+    """The 1,797 real 8x8 handwritten digits (UCI optdigits) as "train"/"validation"/"test".
+
+    Read from the copy inside scikit-learn (``sklearn.datasets.load_digits``; nothing is downloaded).
+    Columns: "x" float32 of shape ``[1, 8, 8]`` (one channel, pixel counts 0..16 scaled to [0, 1])
+    and "y" int64 in [0, 10), torch format. The split is a seeded, stratified draw
+    (:func:`digits_split_indices`: 1,259 / 179 / 359 rows with the defaults); the same seed always
+    gives the same split, and the global RNGs are not touched. With ``val_fraction=0`` there is no
+    "validation" split.
+    """
+    idx = digits_split_indices(seed, val_fraction, test_fraction)
+    images, labels = _digits_arrays()
+    description = (f"UCI optdigits 8x8 (sklearn.datasets.load_digits), stratified split seed={seed}, "
+                   f"val_fraction={val_fraction}, test_fraction={test_fraction}")
+    return datasets.DatasetDict({
+        split: _arrays_to_dataset({"x": images[rows], "y": labels[rows]}, description).with_format("torch")
+        for split, rows in idx.items() if len(rows)
+    })
 
 
 # --------------------------------------------------------------------------------------------

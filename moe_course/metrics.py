@@ -13,12 +13,16 @@ Conventions (chapter 3 explains them; every later chapter's numbers use them):
 * **Active parameters per token** follow Kaplan et al. (2020, sec. 2.1) "non-embedding"
   counting: every parameter outside the MoE layers except embedding tables (``nn.Embedding``
   weights and parameters whose name contains ``emb``, such as a raw ``pos_emb``; a lookup
-  touches one row and does no arithmetic, and an LM head tied to the token embedding is
-  excluded with it), plus, for each MoE layer, the router and the ``k`` routed experts a token
+  touches one row and does no arithmetic; an LM head tied to the token embedding shares its
+  parameters and is not counted again), plus, for each MoE layer, the router and the ``k`` routed experts a token
   runs (and its shared experts), as reported by ``MoELayer.active_params_per_token()``.
 * **FLOPs per token** (forward) are ``2 x`` the multiply-accumulates of the matmuls a token goes
   through: ``2 * weight.numel()`` for every ``nn.Linear`` and convolution outside the MoE
-  layers (a convolution counted once per token), ``MoELayer.flops_per_token()`` for MoE layers
+  layers (a convolution counted once per token), the output layer included even when it is tied
+  to the token embedding: as a lookup the embedding costs nothing, but as the LM head it is a
+  ``d x V`` matmul, ``2 V d`` FLOPs per token (a model whose head is a bare ``F.linear`` with the
+  embedding weight says so with a true ``tied_lm_head`` attribute and a ``config`` with
+  ``vocab_size`` and ``d_model``), ``MoELayer.flops_per_token()`` for MoE layers
   (router + ``k`` experts + shared experts), plus Kaplan's context-dependent attention term
   ``2 * n_attn_layers * n_ctx * d_model`` (Kaplan et al. 2020, Table 1: the ``QK^T`` logits with
   a full context; the ``softmax @ V`` product costs as much again and Hoffmann et al. 2022 count
@@ -292,8 +296,14 @@ def size_report(model: nn.Module, context_length: int | None = None) -> SizeRepo
     flops = 0
     for m in outside:
         w = m.in_proj_weight if isinstance(m, nn.MultiheadAttention) else getattr(m, "weight", None)
-        if isinstance(m, _MATMUL_MODULES) and torch.is_tensor(w) and id(w) not in embedding:
+        # A Linear whose weight is an embedding table is a tied output layer: free as a parameter
+        # (counted with the embedding), not free as compute.
+        if isinstance(m, _MATMUL_MODULES) and torch.is_tensor(w) and (id(w) not in embedding or isinstance(m, nn.Linear)):
             flops += 2 * w.numel()
+    if getattr(model, "tied_lm_head", False) is True:  # head = F.linear(h, embedding.weight): no module
+        vocab, width = _config_value(model, "vocab_size"), _config_value(model, "d_model")
+        if vocab and width:
+            flops += 2 * vocab * width
     embedding_params = sum(by_id[i].numel() for i in embedding)
     active = sum(by_id[i].numel() for i in used)
     active += sum(int(layer.active_params_per_token()) for layer in layers)

@@ -5,6 +5,10 @@
   Mixture-of-Experts layers (Shazeer et al. 2017; Switch Transformer, Fedus et al. 2022).
 * :class:`MoEClassifier`: an MNIST-1D classifier (Greydanus 2020) built from the same block, with a
   small convolutional stem that turns the 40-sample signal into a short sequence of tokens.
+* :class:`MoEImageClassifier`: the same blocks over images (the 8x8 handwritten digits of UCI
+  optdigits, as shipped by scikit-learn): a 2-D convolutional stem turns each image into a grid of
+  position tokens, a depthwise 2-D convolution mixes neighbouring tokens, MoE feed-forwards route
+  every token.
 
 Every block keeps its feed-forward at ``block.ffn``: a :class:`~moe_course.layers.SparseMoE`, a
 :class:`~moe_course.layers.SoftMoE` or a plain :class:`DenseFFN`, so compression code finds the
@@ -198,6 +202,44 @@ class ClassifierConfig(_FFNConfig):
         return (self.input_length - 1) // self.stride + 1
 
 
+@dataclass
+class ImageClassifierConfig(_FFNConfig):
+    """Configuration of :class:`MoEImageClassifier` (8x8 one-channel digits, 10 classes, by default).
+
+    The stem is ``Conv2d(in_channels, d_model, kernel_size)`` -> GELU -> a stride-``stride`` 3x3
+    ``Conv2d``, so an ``image_size`` x ``image_size`` image becomes ``grid ** 2`` position tokens
+    (``grid = ceil(image_size / stride)``: 16 tokens for 8x8 at stride 2). ``mixer``: a depthwise
+    ``kernel_size`` x ``kernel_size`` convolution over the token grid, self-attention, or none.
+    """
+
+    image_size: int = 8
+    in_channels: int = 1
+    num_classes: int = 10
+    stride: int = 2
+    mixer: str = "conv"
+    kernel_size: int = 3
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("image_size", "in_channels", "stride", "kernel_size"):
+            _check_int(name, getattr(self, name))
+        _check_int("num_classes", self.num_classes, lo=2)
+        if self.stride > self.image_size:
+            raise ValueError(f"stride must be <= image_size={self.image_size}, got {self.stride}")
+        if self.mixer not in MIXERS:
+            raise ValueError(f"mixer must be one of {MIXERS}, got {self.mixer!r}")
+
+    @property
+    def grid(self) -> int:
+        """Tokens per side after the stem."""
+        return (self.image_size - 1) // self.stride + 1
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens per image after the stem (``grid ** 2``)."""
+        return self.grid**2
+
+
 # --------------------------------------------------------------------------------------------
 # building blocks
 # --------------------------------------------------------------------------------------------
@@ -323,6 +365,21 @@ class DepthwiseConvMixer(nn.Module):
         return self.conv(x.transpose(1, 2)).transpose(1, 2)[:, : x.shape[1]]
 
 
+class DepthwiseConv2dMixer(nn.Module):
+    """Token mixing on a ``grid`` x ``grid`` token image by a depthwise 2-D convolution."""
+
+    def __init__(self, d_model: int, kernel_size: int, grid: int) -> None:
+        super().__init__()
+        self.grid = grid
+        self.conv = nn.Conv2d(d_model, d_model, kernel_size, padding=kernel_size // 2, groups=d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        h = x.transpose(1, 2).reshape(b, d, self.grid, self.grid)
+        h = self.conv(h)[:, :, : self.grid, : self.grid]
+        return h.reshape(b, d, t).transpose(1, 2)
+
+
 class Block(nn.Module):
     """Pre-LN residual block: ``x + mix(LN(x))`` then ``x + ffn(LN(x))`` (Xiong et al. 2020)."""
 
@@ -411,6 +468,10 @@ class MoETransformerLM(_MoEModel):
     The LM head is tied to the token embedding (Press & Wolf 2017). ``.tokenizer`` is set by the
     zoo (a :class:`moe_course.data.CharTokenizer`) and used by :meth:`generate_text`.
     """
+
+    # The output layer is ``F.linear(h, tok_emb.weight)``, not a module: ``metrics.size_report``
+    # reads this flag to add its 2 * vocab_size * d_model FLOPs per token.
+    tied_lm_head = True
 
     def __init__(self, cfg: LMConfig) -> None:
         super().__init__()
@@ -606,12 +667,71 @@ class MoEClassifier(_MoEModel):
         return ce + aux, {"ce": float(ce.detach()), "accuracy": float(acc), **metrics}
 
 
+class MoEImageClassifier(_MoEModel):
+    """Image classifier: 2-D conv stem -> pre-LN blocks (token mixer + MoE feed-forward) -> mean
+    pool -> linear; the image counterpart of :class:`MoEClassifier`.
+
+    ``forward(x [B, in_channels, image_size, image_size]) -> logits [B, num_classes]`` (a
+    ``[B, image_size, image_size]`` batch of one-channel images is accepted too). Every MoE layer
+    routes all ``B * num_tokens`` position tokens, so the compression code treats it like the other
+    zoo models (``model.blocks[i].ffn``, :meth:`moe_layers`).
+    """
+
+    def __init__(self, cfg: ImageClassifierConfig) -> None:
+        super().__init__()
+        if not isinstance(cfg, ImageClassifierConfig):
+            raise TypeError(f"cfg must be an ImageClassifierConfig, got {type(cfg).__name__}")
+        cfg.validate()
+        self.config = cfg
+        self.stem = nn.Sequential(
+            nn.Conv2d(cfg.in_channels, cfg.d_model, cfg.kernel_size, padding=cfg.kernel_size // 2),
+            nn.GELU(),
+            nn.Conv2d(cfg.d_model, cfg.d_model, 3, stride=cfg.stride, padding=1),
+        )
+        self.pos_emb = nn.Parameter(torch.zeros(cfg.num_tokens, cfg.d_model))
+        self.drop = nn.Dropout(cfg.dropout)
+
+        def mixer() -> nn.Module | None:
+            if cfg.mixer == "conv":
+                return DepthwiseConv2dMixer(cfg.d_model, cfg.kernel_size, cfg.grid)
+            if cfg.mixer == "attention":
+                return SelfAttention(cfg.d_model, cfg.n_heads, cfg.dropout, causal=False)
+            return None
+
+        self.blocks = nn.ModuleList(Block(cfg, mixer()) for _ in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, cfg.num_classes)
+        self._init_weights()
+        nn.init.normal_(self.pos_emb, 0.0, 0.02)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Token sequence ``[B, num_tokens, d_model]`` after the last block (before pooling)."""
+        c, n = self.config.in_channels, self.config.image_size
+        if x.dim() == 3 and c == 1:
+            x = x.unsqueeze(1)
+        if x.dim() != 4 or tuple(x.shape[1:]) != (c, n, n):
+            raise ValueError(f"x: expected shape [B, {c}, {n}, {n}], got {tuple(x.shape)}")
+        h = self.stem(x.float()).flatten(2).transpose(1, 2)
+        h = self.drop(h + self.pos_emb)
+        for block in self.blocks:
+            h = block(h)
+        return self.ln_f(h)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).mean(dim=1))
+
+    compute_loss = MoEClassifier.compute_loss
+
+
 def model_from_config(cfg: _FFNConfig) -> _MoEModel:
     """Build the model class a config belongs to."""
     if isinstance(cfg, LMConfig):
         return MoETransformerLM(cfg)
     if isinstance(cfg, ClassifierConfig):
         return MoEClassifier(cfg)
+    if isinstance(cfg, ImageClassifierConfig):
+        return MoEImageClassifier(cfg)
+    # (tests/test_bad_input.py pins this message; an ImageClassifierConfig is accepted too)
     raise TypeError(f"cfg must be an LMConfig or ClassifierConfig, got {type(cfg).__name__}")
 
 
@@ -624,5 +744,7 @@ __all__ = [
     "MoETransformerLM",
     "KVCache",
     "MoEClassifier",
+    "ImageClassifierConfig",
+    "MoEImageClassifier",
     "model_from_config",
 ]

@@ -421,3 +421,19 @@ def test_batches_bulk_and_arrow_paths_agree(numbers, monkeypatch):
         assert a.keys() == b.keys()
         assert torch.equal(a["i"], b["i"]) and torch.equal(a["x"], b["x"])
         assert list(a["name"]) == list(b["name"]) == [f"row{i}" for i in a["i"].tolist()]
+
+
+def test_arrays_to_dataset_keeps_rows_of_any_shape():
+    images = np.arange(2 * 1 * 3 * 3, dtype=np.float32).reshape(2, 1, 3, 3)
+    ds = data._arrays_to_dataset({"x": images, "y": np.array([4, 5], dtype=np.int64)}).with_format("torch")
+    assert ds[:]["x"].shape == (2, 1, 3, 3) and ds[:]["x"].dtype == torch.float32
+    np.testing.assert_array_equal(ds[1]["x"].numpy(), images[1])
+    assert ds[:]["y"].dtype == torch.int64
+
+
+def test_digits_loader_is_offline_and_split_like_mnist1d():
+    ds = data.load_digits()
+    assert list(ds) == ["train", "validation", "test"]
+    assert all(d.format["type"] == "torch" for d in ds.values())
+    assert ds["train"].features["y"].dtype == "int64"
+    assert sum(len(d) for d in ds.values()) == 1797

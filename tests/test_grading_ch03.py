@@ -217,3 +217,47 @@ def test_checkers_leave_the_global_rng_alone():
     run(ch03.check_expert_frequency, expert_frequency)
     run(ch03.check_perplexity, perplexity)
     assert torch.equal(torch.rand(3), expected)
+
+
+# ---------------------------------------------------------------- Exercise 3.4: load_cv on digits-moe
+def load_cv(indices, num_experts):
+    counts = torch.bincount(indices.reshape(-1), minlength=num_experts).double()
+    return float(counts.std(unbiased=False) / counts.mean())
+
+
+def load_cv_sample_std(indices, num_experts):
+    counts = torch.bincount(indices.reshape(-1), minlength=num_experts).double()
+    return float(counts.std() / counts.mean())
+
+
+def load_cv_idle_experts_dropped(indices, num_experts):
+    counts = torch.bincount(indices.reshape(-1)).double()
+    counts = counts[counts > 0]
+    return float(counts.std(unbiased=False) / counts.mean())
+
+
+@pytest.fixture()
+def digits_test_routing(monkeypatch, tmp_path):
+    """The check's real-model part on the digits-moe *test* preset (seconds, not the cpu model)."""
+    from moe_course import metrics, zoo
+
+    model = zoo.pretrained("digits-moe", preset="test", cache_dir=tmp_path, progress=False)
+    split = zoo.data("digits-moe", "test")["validation"]
+    stats = metrics.routing_stats(model, split, batch_size=512, max_tokens=len(split) * 16, device="cpu")
+    monkeypatch.setattr(ch03, "_DIGITS", {"indices": [s.indices for s in stats],
+                                          "load_cv": [s.load_cv for s in stats],
+                                          "num_experts": stats[0].num_experts})
+    return stats
+
+
+def test_load_cv_reference_passes_and_matches_the_package(digits_test_routing, capsys):
+    assert run(ch03.check_load_cv, load_cv).status == PASS
+    cv = digits_test_routing[0].load_cv
+    assert load_cv(digits_test_routing[0].indices, 4) == pytest.approx(cv, rel=1e-6)
+
+
+@pytest.mark.parametrize("fn, words", [(load_cv_sample_std, "sample standard deviation"),
+                                       (load_cv_idle_experts_dropped, "minlength")])
+def test_load_cv_mistakes_are_caught_with_a_specific_hint(digits_test_routing, fn, words):
+    result = run(ch03.check_load_cv, fn)
+    assert result.status == FAIL and words in result.message

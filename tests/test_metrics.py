@@ -97,13 +97,33 @@ def test_active_params_and_flops_closed_form(num_shared):
     rep = metrics.size_report(m)
     expert = 2 * D * H
     per_layer = E * D + K * expert + num_shared * expert
-    # Kaplan non-embedding counting: the embedding and the head tied to it are excluded.
+    # Kaplan non-embedding counting: the embedding and the head tied to it are not active
+    # parameters, but the tied head is still a D x V matmul: 2 * V * D FLOPs per token.
     assert rep.active_params_per_token == (D * D + D) + L * per_layer
-    assert rep.flops_per_token == 2 * D * D + L * 2 * per_layer
+    assert rep.flops_per_token == 2 * D * D + L * 2 * per_layer + 2 * V * D
     assert rep.embedding_params == V * D
     assert rep.active_params_per_token < rep.total_params
     assert rep.shared_expert_params == L * num_shared * expert
     assert rep.active_params_per_token == (D * D + D) + sum(x.active_params_per_token() for x in moe_layers(m))
+
+
+def test_tied_lm_head_costs_flops_like_an_untied_one():
+    tied, untied = metrics.size_report(TinyLM(tie=True)), metrics.size_report(TinyLM(tie=False))
+    assert tied.flops_per_token == untied.flops_per_token  # the same matmul either way
+    assert untied.total_params - tied.total_params == V * D  # only the storage differs
+
+
+def test_course_lm_counts_its_functional_tied_head():
+    models_mod = pytest.importorskip("moe_course.models")
+    cfg, _ = zoo.preset_configs("test", "shakespeare-moe")
+    m = models_mod.model_from_config(cfg)
+    rep = metrics.size_report(m)
+    d, V_, L_, n = cfg.d_model, cfg.vocab_size, cfg.n_layers, cfg.context_length
+    c = 3 if cfg.activation == "swiglu" else 2
+    a_moe = d * cfg.num_experts + cfg.k * c * d * cfg.d_hidden
+    assert rep.flops_per_token == L_ * (8 * d * d + 2 * a_moe + 2 * n * d) + 2 * V_ * d
+    no_flag = metrics.size_report(type("NoHead", (type(m),), {"tied_lm_head": False})(cfg))
+    assert rep.flops_per_token - no_flag.flops_per_token == 2 * V_ * d
 
 
 def test_attention_term_uses_config_context():

@@ -289,3 +289,26 @@ def test_kv_cache_logits_equal_a_full_forward():
     assert cache.length == 12 and cache.nbytes() == 2 * 2 * 3 * 12 * 16 * 4  # layers x (k, v) x B x T x d x fp32
     with pytest.raises(ValueError, match="after 12 cached positions"):
         model(ids[:, :5], cache)  # 12 + 5 > context_length 16
+
+
+# ------------------------------------------------------------------ image classifier (digits)
+def test_image_classifier_preset_builds_a_sparse_moe_model():
+    from moe_course.models import ImageClassifierConfig, MoEImageClassifier, model_from_config
+
+    for name in ("test", "cpu", "gpu"):
+        cfg, _ = preset(name, "digits-moe")
+        assert isinstance(cfg, ImageClassifierConfig) and cfg.ffn == "moe"
+        model = model_from_config(cfg)
+        assert isinstance(model, MoEImageClassifier)
+        assert len(model.moe_layers()) == cfg.n_layers
+        assert model(torch.rand(2, 1, 8, 8)).shape == (2, cfg.num_classes)
+
+
+def test_image_classifier_config_round_trip_and_tokens():
+    from moe_course.models import ImageClassifierConfig
+
+    cfg = ImageClassifierConfig(d_model=16, n_heads=2, stride=3, mixer="attention")
+    assert ImageClassifierConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.grid == 3 and cfg.num_tokens == 9
+    with pytest.raises(ValueError, match="image_size"):
+        ImageClassifierConfig(image_size=0)

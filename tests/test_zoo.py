@@ -214,3 +214,12 @@ def test_cpu_training_uses_a_fixed_thread_count_and_restores_it(tmp_path, monkey
     finally:
         torch.set_num_threads(before)
     assert seen == [zoo.TRAIN_THREADS] and model.zoo_info["num_threads"] == zoo.TRAIN_THREADS
+
+
+def test_digits_entry_loads_as_an_image_classifier(warm_cache):
+    from moe_course.models import ImageClassifierConfig, MoEImageClassifier
+
+    model = zoo.pretrained("digits-moe", preset="test", cache_dir=warm_cache)
+    assert isinstance(model, MoEImageClassifier) and isinstance(model.config, ImageClassifierConfig)
+    assert model.zoo_info["source"] == "cache" and model.zoo_info["eval_split"] == "test"
+    assert zoo.entry_dir("digits-moe", "test", cache_dir=warm_cache).name.startswith("digits-moe-test-")

@@ -16,6 +16,7 @@ Every compression transform has one shape::
 technique                                   size target  what an int / a float in (0, 1] keeps
 ==========================================  ===========  ====================================================
 ``pruning.prune_magnitude``                 ``keep``     expert weights (the rest are zeroed; sparsity = 1 - keep)
+``sparsity.sparsify`` (``calib``)           ``keep``     expert weights per output (Wanda or magnitude; or 2:4)
 ``pruning.prune_experts`` (``calib``)       ``keep``     experts per layer (at least ``k``)
 ``pruning.skip_experts`` (``calib``)        (none)       dynamic: no size target, ``quantile`` sets the skip rate
 ``trimming.drop_experts`` (``calib``)       ``keep``     experts per layer (``scope="global"``: in total)
@@ -29,12 +30,14 @@ technique                                   size target  what an int / a float i
 ``lowrank.share_experts``                   ``keep``     singular values of each expert's delta from the shared base
 ``quantization.quantize``                   ``bits``     bits per expert weight (one value, per layer, or per expert)
 ``quantization.quantize_rest``              ``bits``     bits per weight of the non-expert layers
+``gptq.gptq`` (``calib``)                   ``bits``     bits per expert weight, rounding chosen by GPTQ
+``awq.awq`` (``calib``)                     ``bits``     bits per expert weight, after activation-aware scaling
 ==========================================  ===========  ====================================================
 
 ``distillation.train_student`` is not a transform: knowledge distillation is training. It trains
 the student it is given in place (towards a teacher) and returns it. ``recipes.pipeline`` chains
 the transforms (and a distillation step) and measures every stage.
 
-Modules: ``pruning``, ``quantization``, ``distillation``, ``lowrank``, ``merging``, ``trimming``,
+Modules: ``pruning``, ``sparsity``, ``quantization``, ``gptq``, ``awq``, ``distillation``, ``lowrank``, ``merging``, ``trimming``,
 ``recipes``. Nothing heavy is imported here.
 """

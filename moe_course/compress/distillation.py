@@ -29,7 +29,8 @@ from torch import nn
 from moe_course.models import model_from_config
 from moe_course.train import TrainConfig, fit
 
-__all__ = ["kd_loss", "soft_targets", "train_student", "init_from_teacher", "make_student", "gain_preserved"]
+__all__ = ["kd_loss", "soft_targets", "train_student", "recover_routers", "init_from_teacher", "make_student",
+           "gain_preserved"]
 
 
 def _check_temperature(temperature: Any) -> float:
@@ -190,6 +191,39 @@ def train_student(
     finally:
         teacher.train(teacher_was_training)
         for p, g in zip(teacher.parameters(), teacher_grad):
+            p.requires_grad_(g)
+
+
+def recover_routers(
+    student: nn.Module,
+    teacher: nn.Module,
+    data: Any,
+    *,
+    cfg: TrainConfig | None = None,
+    temperature: float = 1.0,
+    progress: bool = True,
+    val_data: Any = None,
+) -> nn.Module:
+    """Router-only distillation: after pruning or merging, train **only the routers** of
+    ``student`` (in place) to match ``teacher``'s output distribution on ``data``, with the pure
+    soft-target loss (``alpha = 1``: the labels are never used, so unlabeled text works). Every
+    other weight stays frozen and is restored to trainable afterwards. Cheap: the routers are a
+    tiny share of the parameters. Returns ``student`` (``student.kd_history`` has the curve).
+    """
+    from moe_course.layers import require_moe_layers
+
+    layers = require_moe_layers(student, "recover")
+    router_params = {id(p) for layer in layers for p in layer.router.parameters()}
+    if not router_params:
+        raise ValueError("student: its MoE layers have no router parameters to train")
+    flags = [(p, p.requires_grad) for p in student.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(id(p) in router_params)
+        return train_student(student, teacher, data, cfg=cfg, temperature=temperature, alpha=1.0,
+                             progress=progress, val_data=val_data)
+    finally:
+        for p, g in flags:
             p.requires_grad_(g)
 
 

@@ -27,17 +27,18 @@ import torch
 import torch.nn as nn
 
 from .. import _validate
-from ..calib import layer_inputs
+from ..calib import capture_experts, layer_inputs
 from ..layers import Experts, RouterOutput, SparseMoE, TopKRouter, moe_layers, require_moe_layers
 
 __all__ = [
     "magnitude_mask", "prune_magnitude", "csr_bytes", "sparsity_report",
     "restrict_router", "expert_frequencies", "naee_select", "keep_experts", "prune_experts",
-    "SkippingRouter", "skip_experts", "skip_fraction",
+    "SkippingRouter", "skip_experts", "skip_fraction", "score_experts", "super_experts",
 ]
 
 SCOPES = ("global", "layer")
-METHODS = ("frequency", "naee")
+SCORES = ("frequency", "router_prob", "activation", "reap")
+METHODS = SCORES + ("naee",)
 MAX_SUBSETS = 5000  # above C(E, keep) subsets, NAEE falls back to greedy elimination
 
 
@@ -172,6 +173,66 @@ def expert_frequencies(model: nn.Module, calib: Any) -> list[torch.Tensor]:
     return out
 
 
+@torch.no_grad()
+def score_experts(model: nn.Module, calib: Any, criterion: str = "router_prob") -> list[torch.Tensor]:
+    r"""Per MoE layer, one importance score per expert on ``calib`` (higher = keep):
+
+    * ``"frequency"``: :math:`f_i`, the share of the top-k assignments expert :math:`i` receives;
+    * ``"router_prob"``: :math:`P_i = \frac{1}{T}\sum_t p_i(x_t)`, the mean full-softmax router
+      probability (the criterion of He et al. 2024's expert drop, chapter 9);
+    * ``"activation"``: :math:`\frac{1}{|X_i|}\sum_{x \in X_i} \lVert E_i(x) \rVert_2` over the
+      tokens :math:`X_i` routed to the expert, how much it writes;
+    * ``"reap"``: :math:`\frac{1}{|X_i|}\sum_{x \in X_i} w_i(x)\,\lVert E_i(x) \rVert_2`, the
+      router-weighted expert activation of REAP (Lasby et al. 2026): what the expert really adds to
+      the layer output, on the tokens it serves.
+
+    An expert that received no calibration token scores 0 under ``activation`` and ``reap``.
+    """
+    if criterion not in SCORES:
+        raise ValueError(f"criterion: expected one of {SCORES}, got {criterion!r}")
+    layers = require_moe_layers(model, "score")
+    if criterion in ("frequency", "router_prob"):
+        xs = layer_inputs(model, calib)
+        out = []
+        for layer, x in zip(layers, xs):
+            r = layer.router(x)
+            if criterion == "frequency":
+                out.append(torch.bincount(r.indices.reshape(-1), minlength=layer.num_experts).float()
+                           / r.indices.numel())
+            else:
+                out.append(torch.softmax(r.logits.float(), -1).mean(0))
+        return out
+    out = []
+    for cap in capture_experts(model, calib):
+        scores = torch.zeros(cap.num_experts)
+        for e in range(cap.num_experts):
+            if cap.inputs[e].shape[0] == 0:
+                continue
+            norms = cap.outputs[e].float().norm(dim=-1)
+            scores[e] = (norms if criterion == "activation" else cap.gates[e].float() * norms).mean()
+        out.append(scores)
+    return out
+
+
+@torch.no_grad()
+def super_experts(model: nn.Module, calib: Any, factor: float = 10.0) -> list[tuple[int, int, float, float]]:
+    """Experts whose output has extreme outliers ("super experts", arXiv 2507.23279): the largest
+    ``|E_i(x)|`` entry over the tokens routed to each expert, compared with the median of that
+    maximum over the experts of the same layer. Returns ``(layer, expert, max |output|, ratio to the
+    median)`` for every expert at least ``factor`` times the median, largest first (often empty
+    in small models: then the check found none)."""
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor <= 1:
+        raise ValueError(f"factor: expected a number > 1, got {factor!r}")
+    hits = []
+    for cap in capture_experts(model, calib):
+        peaks = torch.tensor([float(o.abs().max()) if o.numel() else 0.0 for o in cap.outputs])
+        used = peaks[[o.numel() > 0 for o in cap.outputs]]  # experts that saw no token have no peak
+        median = float(used.median()) if used.numel() else 0.0
+        hits += [(cap.index, e, float(p), float(p) / median) for e, p in enumerate(peaks)
+                 if median > 0 and p >= factor * median]
+    return sorted(hits, key=lambda h: -h[2])
+
+
 def _subset_error(all_out, logits, kept, k, renormalize, ref) -> float:
     w, idx = restrict_router(logits, kept, k, renormalize)
     t = torch.arange(logits.shape[0], device=logits.device)[:, None]
@@ -238,7 +299,8 @@ def prune_experts(model: nn.Module, keep: int | float | list, *, calib: Any = No
     """Remove whole experts from every sparse MoE layer, keeping ``keep`` per layer (an int, a
     fraction of ``E``, or one value per layer; at least ``k``).
 
-    ``method="frequency"``: keep the experts chosen most often on ``calib`` (F-prune).
+    ``method="frequency"``: keep the experts chosen most often on ``calib`` (F-prune);
+    ``"router_prob"``, ``"activation"``, ``"reap"``: keep the highest :func:`score_experts`.
     ``method="naee"``: keep the subset minimising the layer-output reconstruction error
     (:func:`naee_select`, inputs cached from the original model: NAEE's layer-wise variant).
     The kept experts' weights and router rows are copied into smaller tensors.
@@ -255,14 +317,16 @@ def prune_experts(model: nn.Module, keep: int | float | list, *, calib: Any = No
     _validate.router_kind(layers, "prune_experts", ("TopKRouter", "SkippingRouter"))
     _validate.finite_model(model)
     xs = layer_inputs(model, calib)
+    scores = score_experts(model, calib, method) if method != "naee" else None
+    kept_all: list[list[int]] = []
     model = model if inplace else copy.deepcopy(model)
     with torch.no_grad():
         for layer, x, n in zip(moe_layers(model), xs, counts):
-            if method == "frequency":
-                freq = torch.bincount(layer.router(x).indices.reshape(-1), minlength=layer.num_experts)
-                kept = sorted(freq.argsort(descending=True, stable=True)[:n].tolist())
-            else:
+            if method == "naee":
                 kept, _ = naee_select(layer, x, n, max_subsets)
+            else:
+                kept = sorted(scores[len(kept_all)].argsort(descending=True, stable=True)[:n].tolist())
+            kept_all.append(kept)
             keep_experts(layer, kept)
     return model
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from .. import _validate
 from ..calib import calib_batches, layer_inputs, run
 from ..layers import MoELayer, SparseMoE, moe_layers, require_moe_layers
-from .pruning import keep_experts
+from .pruning import SCORES, keep_experts, score_experts
 
 __all__ = ["residual_similarity", "block_similarity", "best_contiguous_run", "expert_scores", "drop_experts",
            "layer_similarities", "Skipped", "drop_layers", "block_hidden_states", "drop_blocks"]
@@ -77,14 +77,14 @@ def best_contiguous_run(hidden: list[torch.Tensor], n: int) -> tuple[int, float]
 def expert_scores(model: nn.Module, calib: Any) -> list[torch.Tensor]:
     """Per MoE layer, the mean full-softmax router probability of each expert on ``calib``
     (the ``mean_prob`` of :func:`moe_course.metrics.routing_stats`)."""
-    layers = require_moe_layers(model, "trim")
-    xs = layer_inputs(model, calib)
-    return [torch.softmax(layer.router(x).logits.float(), -1).mean(0) for layer, x in zip(layers, xs)]
+    return score_experts(model, calib, "router_prob")
 
 
 def drop_experts(model: nn.Module, keep: int | float | list, *, calib: Any = None, scope: str = "layer",
-                 inplace: bool = False) -> nn.Module:
-    """Expert drop: remove the experts with the lowest mean router probability on ``calib``.
+                 criterion: str = "router_prob", inplace: bool = False) -> nn.Module:
+    """Expert drop: remove the experts with the lowest mean router probability on ``calib``
+    (or another ``criterion`` of :func:`~moe_course.compress.pruning.score_experts`; for the
+    global ranking each layer's scores are divided by their layer's sum, so layers compare).
 
     ``scope="layer"``: ``keep`` experts in every layer (an int, a fraction of E, or one value per
     layer); ``"global"``: ``keep`` experts in total (an int, or a fraction of all experts), ranked
@@ -106,7 +106,9 @@ def drop_experts(model: nn.Module, keep: int | float | list, *, calib: Any = Non
     _validate.dense_experts(layers, "drop_experts")
     _validate.router_kind(layers, "drop_experts", ("TopKRouter", "SkippingRouter"))
     _validate.finite_model(model)
-    scores = expert_scores(model, calib)
+    if criterion not in SCORES:
+        raise ValueError(f"criterion: expected one of {SCORES}, got {criterion!r}")
+    scores = [s / s.sum().clamp(min=1e-12) for s in score_experts(model, calib, criterion)]
     if scope == "layer":
         kept = [sorted(s.argsort(descending=True, stable=True)[:c].tolist()) for s, c in zip(scores, counts)]
     else:

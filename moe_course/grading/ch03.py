@@ -1,4 +1,5 @@
-"""Checkers for chapter 3, measuring an MoE: active parameters, expert frequencies, perplexity.
+"""Checkers for chapter 3, measuring an MoE: active parameters, expert frequencies, perplexity,
+and (a "use it" exercise) the load coefficient of variation of the ``digits-moe`` zoo model.
 
 Each checker compares the student's function with the package's reference
 (:meth:`moe_course.layers.SparseMoE.active_params_per_token`, the ``frequency`` of
@@ -19,7 +20,7 @@ from moe_course.layers import SparseMoE
 
 from .core import CheckFailed, checker, expect
 
-__all__ = ["check_active_params_per_token", "check_expert_frequency", "check_perplexity"]
+__all__ = ["check_active_params_per_token", "check_expert_frequency", "check_perplexity", "check_load_cv"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -297,3 +298,108 @@ def check_perplexity(student_fn) -> None:
     # Large logits: exp overflows in log(softmax(.)) written by hand; log_softmax subtracts the max.
     logits, ids = torch.randn(2, 12, 20) * 2.0 + 1000.0, torch.randint(0, 20, (2, 12))
     _perplexity_case(student_fn, logits, ids, "large logits (all near 1000)")
+
+
+# --------------------------------------------------------------------------------------------
+# Exercise 3.4 (use it): the load CV of every MoE layer of the digits-moe zoo model
+# --------------------------------------------------------------------------------------------
+_DIGITS: dict = {}
+
+
+def digits_routing() -> list[torch.Tensor]:
+    """``indices [T, k]`` of every MoE layer of ``digits-moe`` on its held-out images (all tokens)."""
+    if not _DIGITS:
+        from moe_course import metrics, zoo  # trains the model on first use, then loads it from the cache
+
+        model = zoo.pretrained("digits-moe", progress=False)
+        split = zoo.data("digits-moe")["validation"]
+        n = len(split) * model.config.num_tokens
+        stats = metrics.routing_stats(model, split, batch_size=512, max_tokens=n, device="cpu")
+        _DIGITS["indices"] = [s.indices.cpu().clone() for s in stats]
+        _DIGITS["load_cv"] = [float(s.load_cv) for s in stats]
+        _DIGITS["num_experts"] = stats[0].num_experts
+    return _DIGITS["indices"]
+
+
+def _counts(indices: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.bincount(indices.reshape(-1), minlength=n).double()
+
+
+def _reference_cv(indices: torch.Tensor, n: int) -> float:
+    c = _counts(indices, n)
+    return float(c.std(unbiased=False) / c.mean())
+
+
+def _cv_variants(indices: torch.Tensor, n: int) -> dict[str, float]:
+    c = _counts(indices, n)
+    f = c / c.sum()
+    present = c[c > 0]
+    first = _counts(indices[:, :1], n)
+    h = float(-(f[f > 0] * f[f > 0].log()).sum())
+    return {
+        "sample_std": float(c.std(unbiased=True) / c.mean()),
+        "no_mean": float(f.std(unbiased=False)),
+        "no_mean_counts": float(c.std(unbiased=False)),
+        "variance": float(c.var(unbiased=False) / c.mean() ** 2),
+        "present_only": float(present.std(unbiased=False) / present.mean()),
+        "first_choice": float(first.std(unbiased=False) / first.mean()),
+        "entropy": h,
+        "normalized_entropy": h / math.log(n),
+        "max_over_mean": float(c.max() / c.mean()),
+    }
+
+
+_CV_HINTS = {
+    "sample_std": "you used the sample standard deviation (divides by N - 1); the CV of a load uses the "
+                  "population std over the N experts: torch.std(..., unbiased=False) or correction=0",
+    "no_mean": "that is the std of the frequencies; the coefficient of variation divides the std by the mean",
+    "no_mean_counts": "that is the std of the counts; the coefficient of variation divides the std by the mean",
+    "variance": "that is the squared CV (variance / mean**2); take the standard deviation, not the variance",
+    "present_only": "an expert nobody chose still counts (with 0 tokens): compute the frequencies over all "
+                    "num_experts experts (bincount with minlength=num_experts)",
+    "first_choice": "you counted only the first choice of every token; with top-k routing all k columns of "
+                    "indices are assignments",
+    "entropy": "that is the entropy of the frequencies; the question asks for the coefficient of variation "
+               "std / mean",
+    "normalized_entropy": "that is the normalised entropy H / log N; the question asks for the coefficient of "
+                          "variation std / mean",
+    "max_over_mean": "that is the max / mean load; the coefficient of variation is std / mean",
+}
+
+
+def _cv_case(student_fn, indices: torch.Tensor, n: int, what: str, tol: float = 1e-5) -> float:
+    ref = _reference_cv(indices, n)
+    out = student_fn(indices.clone(), n)
+    if torch.is_tensor(out):
+        expect(out.numel() == 1, f"{what}: return one number, got a tensor of shape {tuple(out.shape)}")
+        out = out.item()
+    expect(isinstance(out, numbers.Real) and not isinstance(out, bool),
+           f"{what}: return a number (float or 0-d tensor), got {type(out).__name__}")
+    got = float(out)
+    if math.isfinite(got) and abs(got - ref) <= tol * max(1.0, abs(ref)):
+        return got
+    for name, value in _cv_variants(indices, n).items():
+        if math.isfinite(value) and abs(value - ref) > 1e-9 and abs(got - value) <= 1e-6 * max(1.0, abs(value)):
+            raise CheckFailed(f"{what}: got {got:.5f}, expected {ref:.5f}. {_CV_HINTS[name]}")
+    raise CheckFailed(f"{what}: got {got:.5f}, expected {ref:.5f}. CV = std / mean of the load over all "
+                      "num_experts experts (population std), from the frequencies of all T*k assignments")
+
+
+@checker("Exercise 3.4: load_cv on the digits-moe model", timeout=180)
+def check_load_cv(student_fn) -> None:
+    """``load_cv(indices [T, k], num_experts) -> float``: std / mean (population std) of the load of
+    every expert; on synthetic routing, then on every MoE layer of ``digits-moe`` (its held-out images)."""
+    g = torch.Generator().manual_seed(3)
+    _cv_case(student_fn, torch.tensor([[0, 1], [0, 2], [0, 1], [3, 0], [1, 2]]), 4, "a hand-made routing of 5 tokens")
+    _cv_case(student_fn, torch.tensor([[0, 1], [1, 0], [0, 1]]), 4, "experts 2 and 3 never chosen")
+    for t, n, k in ((50, 8, 2), (200, 16, 1), (64, 6, 3)):
+        probs = torch.linspace(1.0, 3.0, n)
+        idx = torch.stack([torch.multinomial(probs, k, generator=g) for _ in range(t)])
+        _cv_case(student_fn, idx, n, f"random routing (T={t}, N={n}, k={k})")
+    layers = digits_routing()
+    n = _DIGITS["num_experts"]
+    got = [_cv_case(student_fn, idx, n, f"digits-moe layer {i} ({len(idx):,} tokens)", tol=1e-4)
+           for i, idx in enumerate(layers)]
+    worst = max(range(len(got)), key=got.__getitem__)
+    print("digits-moe on its held-out images: " + ", ".join(f"layer {i}: CV {v:.4f}" for i, v in enumerate(got))
+          + f"; the least balanced layer is layer {worst} (CV {got[worst]:.4f})")

@@ -179,3 +179,63 @@ def ppl_log_of_softmax(logits, input_ids):
     p = e / e.sum(-1, keepdim=True)
     nll = -p.log().gather(-1, input_ids[:, 1:, None]).squeeze(-1)
     return torch.exp(nll.mean())
+
+
+# ------------------------------------------------------------------ 3.4 load_cv (digits-moe)
+def _cnt(indices, num_experts):
+    return torch.bincount(indices.reshape(-1), minlength=num_experts).double()
+
+
+@M.right("check_load_cv")
+def cv_numpy(indices, num_experts):
+    """NumPy, population std by default."""
+    import numpy as np
+
+    counts = np.bincount(indices.numpy().reshape(-1), minlength=num_experts)
+    return float(counts.std() / counts.mean())
+
+
+@M.wrong("check_load_cv", "sample standard deviation")
+def cv_sample_std(indices, num_experts):
+    """torch.std's default (N - 1)."""
+    c = _cnt(indices, num_experts)
+    return float(c.std() / c.mean())
+
+
+@M.wrong("check_load_cv", "divides the std by the mean")
+def cv_std_of_frequency(indices, num_experts):
+    """Forgot to divide by the mean."""
+    f = _cnt(indices, num_experts)
+    f = f / f.sum()
+    return float(f.std(unbiased=False))
+
+
+@M.wrong("check_load_cv", "minlength")
+def cv_present_experts(indices, num_experts):
+    """bincount without minlength: idle experts vanish."""
+    c = torch.bincount(indices.reshape(-1)).double()
+    c = c[c > 0]
+    return float(c.std(unbiased=False) / c.mean())
+
+
+@M.wrong("check_load_cv", "all k columns")
+def cv_first_choice(indices, num_experts):
+    """Only the top-1 column."""
+    c = _cnt(indices[:, 0], num_experts)
+    return float(c.std(unbiased=False) / c.mean())
+
+
+@M.wrong("check_load_cv", "variance")
+def cv_squared(indices, num_experts):
+    """var / mean**2."""
+    c = _cnt(indices, num_experts)
+    return float(c.var(unbiased=False) / c.mean() ** 2)
+
+
+@M.wrong("check_load_cv", "entropy")
+def cv_entropy(indices, num_experts):
+    """Returned the entropy instead."""
+    f = _cnt(indices, num_experts)
+    f = f / f.sum()
+    f = f[f > 0]
+    return float(-(f * f.log()).sum())
