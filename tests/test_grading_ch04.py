@@ -94,3 +94,66 @@ def test_router_no_renorm_and_crash_caught():
     r = run(ch04.check_restrict_router, no_renorm)
     assert r.status == FAIL and "renormalised" in r.message
     assert run(ch04.check_restrict_router, lambda logits, kept, k: logits.topk(k)[5]).status == ERROR
+
+
+# ---------------------------------------------------------------- Exercise 4.1 (n:m mask)
+def nm_mask(weight, n, m):
+    groups = weight.abs().reshape(-1, m)
+    keep = torch.zeros_like(groups, dtype=torch.bool)
+    keep.scatter_(1, groups.argsort(dim=1, descending=True)[:, :n], True)
+    return keep.view(weight.shape)
+
+
+def test_nm_mask_reference_passes():
+    assert run(ch04.check_nm_mask, nm_mask).status == PASS
+
+
+def test_nm_mask_smallest_and_unstructured_caught():
+    r = run(ch04.check_nm_mask, lambda w, n, m: ~nm_mask(w, m - n, m) if m > n else nm_mask(w, n, m))
+    assert r.status == FAIL and "smallest" in r.message.lower()
+    from moe_course.compress.pruning import magnitude_mask
+
+    r = run(ch04.check_nm_mask, lambda w, n, m: magnitude_mask(w, 1 - n / m))
+    assert r.status == FAIL and "every group" in r.message.lower()
+
+
+# ---------------------------------------------------------------- Exercise 4.4 (build a method)
+def _global_prune(model, calib, total):
+    """The solution's method: rank every expert of every layer by gate weight x output norm."""
+    import copy
+
+    from moe_course.calib import layer_inputs
+    from moe_course.compress.pruning import keep_experts
+    from moe_course.layers import moe_layers
+
+    model = copy.deepcopy(model)
+    layers = moe_layers(model)
+    scores = []
+    with torch.no_grad():
+        for layer, x in zip(layers, layer_inputs(model, calib)):
+            r = layer.router(x)
+            gate = torch.zeros(len(x), layer.num_experts).scatter(1, r.indices, r.weights)
+            scores.append((gate.T * layer.experts.forward_all(x).norm(dim=-1)).mean(1))
+    kept = ch04.global_kept(scores, total, layers[0].k)
+    for layer, ids in zip(layers, kept):
+        keep_experts(layer, ids)
+    return model
+
+
+def test_global_prune_reference_meets_the_target():
+    assert run(ch04.check_global_prune, _global_prune).status == PASS
+
+
+def test_global_prune_weak_attempt_misses_the_target():
+    """Per-layer frequency pruning (the chapter's method) keeps the budget but not the target."""
+    from moe_course.compress.pruning import prune_experts
+
+    r = run(ch04.check_global_prune, lambda m, c, t: prune_experts(m, t // 4, calib=c, method="frequency"))
+    assert r.status == FAIL and "same number" in r.message
+
+
+def test_global_prune_may_not_call_the_trimming_chapter():
+    from moe_course.compress import trimming
+
+    r = run(ch04.check_global_prune, lambda m, c, t: trimming.drop_experts(m, t, calib=c, scope="global"))
+    assert r.status == FAIL and "package's own" in r.message

@@ -14,7 +14,8 @@ from moe_course.compress.quantization import fake_quantize, pack_codes, quantize
 
 from .core import CheckFailed, checker, describe, expect
 
-__all__ = ["check_fake_quant_clipped", "check_pack_int2", "check_quantized_copy", "zoo_model",
+__all__ = ["check_fake_quant_clipped", "check_pack_int2", "check_quantized_copy", "check_allocate_bits",
+           "zoo_model",
            "check_fake_quant_groupwise", "check_pack_int4"]
 
 
@@ -465,3 +466,123 @@ def check_quantized_copy(quantized_copy) -> None:
         lines.append(f"{bits} bits: {got:.3f} (plain round-to-nearest: {rtn:.3f})")
     print(f"shakespeare-moe, 32 validation blocks, fp32 perplexity {_perplexity(pristine, val):.3f}; with your quantizer "
           f"(group {USE_GROUP}, clipping search): " + ", ".join(lines))
+
+
+
+# --------------------------------------------------------------------------------------------
+# Exercise 5.4 (build a method): a bit allocation, >= 12x smaller experts at <= 2.5 % perplexity
+# --------------------------------------------------------------------------------------------
+ALLOC_MIN_RATIO = 12.0       # expert bytes of fp32 / expert bytes quantized (per-channel scales)
+ALLOC_MAX_PPL_RISE = 2.5     # percent, on the first 128 validation blocks
+ALLOC_VAL_BLOCKS = 128
+_ALLOC: dict = {}
+
+
+def _alloc_setup():
+    if not _ALLOC:
+        from moe_course import zoo
+        lm, _ = zoo_model()
+        data = zoo.data("shakespeare-moe")
+        _ALLOC["calib"] = data["train"].shuffle(seed=0).select(range(32))
+        _ALLOC["val"] = data["validation"].select(range(ALLOC_VAL_BLOCKS))
+        _ALLOC["ppl"] = _perplexity(lm, _ALLOC["val"])
+    return _ALLOC["calib"], _ALLOC["val"], _ALLOC["ppl"]
+
+
+def _alloc_variant_scores(model, calib) -> dict[str, list[torch.Tensor]]:
+    """Per-expert scores of the usual attempts, to name the one a learner's allocation matches."""
+    from moe_course.calib import layer_inputs
+    from moe_course.layers import moe_layers
+    q2, q3 = quantize(model, 2), quantize(model, 3)
+    out: dict[str, list[torch.Tensor]] = {"frequency": [], "gain": [], "weight": []}
+    with torch.no_grad():
+        for layer, l2, l3, x in zip(moe_layers(model), moe_layers(q2), moe_layers(q3),
+                                    layer_inputs(model, calib)):
+            r = layer.router(x)
+            gate = torch.zeros(len(x), layer.num_experts).scatter(1, r.indices, r.weights)
+            y = layer.experts.forward_all(x)
+            e2 = ((gate.T[..., None] * (y - l2.experts.forward_all(x))) ** 2).sum((1, 2))
+            e3 = ((gate.T[..., None] * (y - l3.experts.forward_all(x))) ** 2).sum((1, 2))
+            out["frequency"].append((gate > 0).float().mean(0))
+            out["gain"].append(e2 - e3)
+            w2 = sum((a - b).pow(2).flatten(1).sum(1) for a, b in zip(layer.experts.weights(),
+                                                                       l2.experts.weights())
+                     if a is not None)
+            out["weight"].append(w2)
+    return out
+
+
+def _top_alloc(scores: list[torch.Tensor], n_high: int, reverse: bool = False) -> list[list[int]]:
+    flat = sorted(((float(s[e]), i, e) for i, s in enumerate(scores) for e in range(len(s))),
+                  reverse=not reverse)
+    bits = [[2] * len(s) for s in scores]
+    for _, i, e in flat[:n_high]:
+        bits[i][e] = 3
+    return bits
+
+
+_ALLOC_HINTS = {
+    "frequency": "you gave the extra bit to the most frequently routed experts: frequency says how often an "
+                 "expert runs, not how much its output suffers at 2 bits; measure, per expert, the gate-weighted "
+                 "output error at 2 bits minus that at 3 bits on the calibration tokens, and give 3 bits to the "
+                 "experts where the extra bit removes the most error",
+    "reverse": "your allocation is upside down: you gave 3 bits to the experts whose output error the extra bit "
+               "reduces LEAST; sort by that gain in decreasing order",
+    "weight": "you ranked by the error of the weights: what matters is the error of the expert's OUTPUT on the "
+              "tokens routed to it, weighted by their gate weights (an expert rarely used or fed small inputs "
+              "can take 2 bits)",
+}
+
+
+@checker("Exercise 5.4: a bit allocation, >= 12x smaller experts at <= 2.5 % perplexity", timeout=240)
+def check_allocate_bits(allocate_bits) -> None:
+    """``allocate_bits(model, calib) -> bits[layer][expert]`` (each 2, 3, 4 or 8); the experts are
+    quantized with per-channel scales by the package and must be >= 12x smaller with perplexity
+    at most 2.5 % above fp32."""
+    import copy
+
+    from moe_course import metrics
+    from moe_course.layers import moe_layers
+    lm, _ = zoo_model()
+    calib, val, base = _alloc_setup()
+    work = copy.deepcopy(lm)
+    bits = allocate_bits(work, calib)
+    layers = moe_layers(lm)
+    shape = [layer.num_experts for layer in layers]
+    ok_shape = (isinstance(bits, (list, tuple)) and len(bits) == len(layers)
+                and all(isinstance(row, (list, tuple)) and len(row) == n for row, n in zip(bits, shape)))
+    expect(ok_shape, f"return one list of bits per MoE layer, one int per expert: {len(shape)} lists of "
+                     f"{shape[0]}, got {describe(bits)}")
+    flat = [b for row in bits for b in row]
+    bad = [b for b in flat if isinstance(b, bool) or not isinstance(b, int) or b not in (2, 3, 4, 8)]
+    expect(not bad, f"every entry must be one of the package's bit widths 2, 3, 4 or 8 (a Python int), "
+                    f"got {bad[0]!r}" if bad else "")
+    changed = [k for k, v in work.state_dict().items() if not torch.equal(v, lm.state_dict()[k])]
+    expect(not changed, f"your function modified the model ({changed[0] if changed else ''}): measure on it, "
+                        "or on copies, but leave its weights as they are")
+    q = quantize(lm, [list(row) for row in bits])
+    ratio = metrics.size_report(lm).expert_bytes / metrics.size_report(q).expert_bytes
+    got = _perplexity(q, val)
+    rise = 100 * (got / base - 1)
+    n3 = sum(b >= 3 for b in flat)
+    print(f"shakespeare-moe: your allocation {dict(sorted({b: flat.count(b) for b in set(flat)}.items()))} "
+          f"(bits: experts) -> experts {ratio:.2f}x smaller, perplexity {got:.3f} on {ALLOC_VAL_BLOCKS} "
+          f"validation blocks ({rise:+.2f}% against fp32 {base:.3f}); target: >= {ALLOC_MIN_RATIO:g}x and "
+          f"<= {ALLOC_MAX_PPL_RISE:+g}%")
+    expect(ratio >= ALLOC_MIN_RATIO, f"your experts are only {ratio:.2f}x smaller (target {ALLOC_MIN_RATIO:g}x): "
+                                     "too many experts above 2 bits; with per-channel scales 3 bits alone gives "
+                                     "about 9.7x and 2 bits about 14x, so most experts must take 2 bits")
+    if rise <= ALLOC_MAX_PPL_RISE:
+        return
+    if all(b == 2 for b in flat):
+        raise CheckFailed(f"every expert at 2 bits: small enough, but {rise:+.2f}% perplexity; give the extra "
+                          "bytes the size target leaves to the experts that need them most")
+    scores = _alloc_variant_scores(lm, calib)
+    mine = [[min(b, 3) for b in row] for row in bits]
+    for name, key, rev in (("frequency", "frequency", False), ("reverse", "gain", True),
+                           ("weight", "weight", False)):
+        if mine == _top_alloc(scores[key], n3, reverse=rev):
+            raise CheckFailed(_ALLOC_HINTS[name])
+    raise CheckFailed(f"perplexity {rise:+.2f}% misses the target ({ALLOC_MAX_PPL_RISE:+g}%): choose the experts "
+                      "that get 3 bits by how much the extra bit lowers their gate-weighted output error on the "
+                      "calibration tokens")

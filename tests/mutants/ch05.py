@@ -285,3 +285,115 @@ def qcopy_plain_rtn(model, bits, group_size):
                     q = fake_quantize(w.transpose(1, 2).contiguous(), bits, granularity="group", group_size=group_size)
                     w.copy_(q.transpose(1, 2))
     return m
+
+
+# ------------------------------------------------------------------ 5.4 allocate_bits
+def _gains(model, calib, kind="gain"):
+    from moe_course.calib import layer_inputs
+    from moe_course.compress.quantization import quantize
+    from moe_course.layers import moe_layers
+    q2, q3 = quantize(model, 2), quantize(model, 3)
+    out = []
+    with torch.no_grad():
+        for layer, l2, l3, x in zip(moe_layers(model), moe_layers(q2), moe_layers(q3),
+                                    layer_inputs(model, calib)):
+            r = layer.router(x)
+            gate = torch.zeros(len(x), layer.num_experts).scatter(1, r.indices, r.weights)
+            if kind == "frequency":
+                out.append((gate > 0).float().mean(0))
+                continue
+            y = layer.experts.forward_all(x)
+            e2 = ((gate.T[..., None] * (y - l2.experts.forward_all(x))) ** 2).sum((1, 2))
+            e3 = ((gate.T[..., None] * (y - l3.experts.forward_all(x))) ** 2).sum((1, 2))
+            out.append(e2 - e3)
+    return out
+
+
+def _n_high(model):
+    from moe_course import metrics
+    from moe_course.compress.quantization import quantize
+    b0 = metrics.size_report(model).expert_bytes
+    b2 = metrics.size_report(quantize(model, 2)).expert_bytes
+    b3 = metrics.size_report(quantize(model, 3)).expert_bytes
+    n = sum(layer for layer in [len(s) for s in _shape(model)])
+    per = (b3 - b2) / n
+    return int((b0 / 12.0 - b2) // per)
+
+
+def _shape(model):
+    from moe_course.layers import moe_layers
+    return [range(layer.num_experts) for layer in moe_layers(model)]
+
+
+def _alloc(scores, n_high, reverse=False):
+    flat = sorted(((float(s[e]), i, e) for i, s in enumerate(scores) for e in range(len(s))),
+                  reverse=not reverse)
+    bits = [[2] * len(s) for s in scores]
+    for _, i, e in flat[:n_high]:
+        bits[i][e] = 3
+    return bits
+
+
+@M.right("check_allocate_bits")
+def alloc_by_gain_counting_bytes(model, calib):
+    """The same gain, but the number of 3-bit experts found by quantizing and measuring bytes."""
+    from moe_course import metrics
+    from moe_course.compress.quantization import quantize
+    gains = _gains(model, calib)
+    b0 = metrics.size_report(model).expert_bytes
+    best = _alloc(gains, 0)
+    for n in range(1, 33):
+        bits = _alloc(gains, n)
+        if b0 / metrics.size_report(quantize(model, bits)).expert_bytes < 12.0:
+            break
+        best = bits
+    return best
+
+
+@M.wrong("check_allocate_bits", "only", "smaller")
+def alloc_uniform_3(model, calib):
+    """Every expert at 3 bits."""
+    return [[3] * len(r) for r in _shape(model)]
+
+
+@M.wrong("check_allocate_bits", "every expert at 2 bits")
+def alloc_uniform_2(model, calib):
+    """Every expert at 2 bits."""
+    return [[2] * len(r) for r in _shape(model)]
+
+
+@M.wrong("check_allocate_bits", "frequen")
+def alloc_by_frequency(model, calib):
+    """3 bits for the most frequently routed experts."""
+    return _alloc(_gains(model, calib, "frequency"), _n_high(model))
+
+
+@M.wrong("check_allocate_bits", "upside down")
+def alloc_reversed(model, calib):
+    """3 bits for the experts whose error the extra bit lowers least."""
+    return _alloc(_gains(model, calib), _n_high(model), reverse=True)
+
+
+@M.wrong("check_allocate_bits", "misses the target")
+def alloc_random(model, calib):
+    """3 bits for experts chosen at random."""
+    g = torch.Generator().manual_seed(0)
+    return _alloc([torch.rand(len(r), generator=g) for r in _shape(model)], _n_high(model))
+
+
+@M.wrong("check_allocate_bits", "one list of bits per MoE layer")
+def alloc_as_tensor(model, calib):
+    """Returns a tensor [L, N] instead of lists."""
+    return torch.tensor(_alloc(_gains(model, calib), _n_high(model)))
+
+
+@M.wrong("check_allocate_bits", "modified its input")
+def alloc_quantizes_in_place(model, calib):
+    """Quantizes the given model in place to measure the 2-bit error."""
+    from moe_course.compress.quantization import fake_quantize
+    from moe_course.layers import moe_layers
+    bits = _alloc(_gains(model, calib), _n_high(model))
+    with torch.no_grad():
+        w = moe_layers(model)[0].experts.w_in
+        w.copy_(fake_quantize(w, 2))
+    return bits
