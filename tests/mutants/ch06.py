@@ -152,7 +152,8 @@ def zoo_losses_only_full(teacher, student, input_ids, ks, tau):
 
 
 # ------------------------------------------------------------------ 6.3 heal
-def _heal(student, teacher, train_data, *, steps=60, alpha=0.5, lr=1e-3, train_teacher=False, frozen=False):
+def _heal(student, teacher, train_data, *, steps=60, alpha=0.5, lr=1e-3, train_teacher=False, frozen=False,
+          k=None):
     from moe_course.data import batches
     teacher.eval()
     student.train()
@@ -169,7 +170,7 @@ def _heal(student, teacher, train_data, *, steps=60, alpha=0.5, lr=1e-3, train_t
             with torch.no_grad():
                 z = teacher(x)
         s = student(x)
-        loss = _topk(s, z.detach() if not train_teacher else z, y, s.shape[-1], 2.0, alpha)
+        loss = _topk(s, z.detach() if not train_teacher else z, y, k or s.shape[-1], 2.0, alpha)
         if train_teacher:
             loss = loss + F.cross_entropy(z.reshape(-1, z.shape[-1]), y.reshape(-1))
         opt.zero_grad()
@@ -180,9 +181,9 @@ def _heal(student, teacher, train_data, *, steps=60, alpha=0.5, lr=1e-3, train_t
 
 
 @M.right("check_heal_lowrank")
-def heal_more_steps_lower_lr(student, teacher, train_data):
-    """80 steps at a lower learning rate."""
-    return _heal(student, teacher, train_data, steps=80, lr=7e-4)
+def heal_top16_teacher(student, teacher, train_data):
+    """Distils from the teacher's top-16 logits only (a cache-sized teacher)."""
+    return _heal(student, teacher, train_data, k=16)
 
 
 @M.wrong("check_heal_lowrank", "got no better")
