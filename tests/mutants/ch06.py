@@ -216,3 +216,11 @@ def heal_returns_loss(student, teacher, train_data):
     """Returns the final loss instead of the model."""
     _heal(student, teacher, train_data, steps=2)
     return 0.0
+
+
+@M.wrong("check_heal_lowrank", "package's own")
+def heal_with_train_student(student, teacher, train_data):
+    """Calls the package's train_student instead of writing the loop."""
+    from moe_course.compress.distillation import train_student
+    from moe_course.train import TrainConfig
+    return train_student(student, teacher, {"train": train_data}, cfg=TrainConfig(steps=60), progress=False)
