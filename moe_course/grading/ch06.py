@@ -233,7 +233,7 @@ def _ppl(model, val) -> float:
     return float(evaluate(model, val, batch_size=128)["perplexity"])
 
 
-@checker("Exercise 6.3: heal a low-rank copy of the Shakespeare model by distillation", timeout=1200,
+@checker("Exercise 6.3: heal a low-rank copy of the Shakespeare model by distillation", timeout=3000,
          check_mutation=False, forbid=("moe_course.compress.distillation.train_student",
                                        "moe_course.compress.distillation.kd_loss"))
 def check_heal_lowrank(heal_lowrank) -> None:
