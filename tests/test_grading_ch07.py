@@ -1,4 +1,5 @@
-"""Chapter 7 checkers: the reference passes, typical mistakes are caught (stubs: test_grading_scaffold.py)."""
+"""Chapter 7 checkers, tested both ways: the reference passes, typical mistakes fail with their hint
+(the full mutant list is in tests/mutants/ch07.py; stubs: test_grading_scaffold.py)."""
 
 from __future__ import annotations
 
@@ -6,76 +7,59 @@ import torch
 from conftest import run
 
 from moe_course.grading import ch07
-from moe_course.grading.core import ERROR, FAIL, PASS
+from moe_course.grading.core import FAIL, PASS
 
 
 # ---------------------------------------------------------------- Exercise 7.1
-def svd_factors(w, rank, split=True, smallest=False, transpose=False):
-    u, s, vh = torch.linalg.svd(w, full_matrices=False)
-    sl = slice(-rank, None) if smallest else slice(0, rank)
-    u, s, vh = u[:, sl], s[sl], vh[sl]
-    if transpose:
-        vh = torch.linalg.svd(w, full_matrices=False)[2].T[sl]
-    if split:
-        return u * s.sqrt(), s.sqrt()[:, None] * vh
-    return u * s, vh
+def shared(w, rank, center=True):
+    base = w.mean(0)
+    u, s, vh = torch.linalg.svd(w - base if center else w, full_matrices=False)
+    root = s[:, :rank].sqrt()
+    return base, u[:, :, :rank] * root[:, None, :], root[:, :, None] * vh[:, :rank, :]
 
 
-def test_svd_reference_passes():
-    assert run(ch07.check_svd_factors, svd_factors).status == PASS
+def test_shared_reference_passes():
+    assert run(ch07.check_shared_base_factors, shared).status == PASS
 
 
-def test_svd_package_passes():
+def test_shared_package_agrees_with_the_checker():
+    """The package's SharedExperts stores the same base and products."""
     from moe_course.compress.lowrank import truncated_svd
 
-    assert run(ch07.check_svd_factors, truncated_svd).status == PASS
+    def via_package(w, rank):
+        base = w.mean(0)
+        if rank == 0:
+            return base, w.new_zeros(w.shape[0], w.shape[1], 0), w.new_zeros(w.shape[0], 0, w.shape[2])
+        left, right = truncated_svd(w - base, rank)
+        return base, left, right
+
+    assert run(ch07.check_shared_base_factors, via_package).status == PASS
 
 
-def test_svd_not_split():
-    r = run(ch07.check_svd_factors, lambda w, k: svd_factors(w, k, split=False))
-    assert r.status == FAIL and "split" in r.message
-
-
-def test_svd_smallest():
-    r = run(ch07.check_svd_factors, lambda w, k: svd_factors(w, k, smallest=True))
-    assert r.status == FAIL and "SMALLEST" in r.message
-
-
-def test_svd_wrong_transpose():
-    r = run(ch07.check_svd_factors, lambda w, k: svd_factors(w, k, transpose=True))
-    assert r.status == FAIL and "transpose" in r.message
-
-
-def test_svd_wrong_return():
-    assert run(ch07.check_svd_factors, lambda w, k: w).status in (FAIL, ERROR)
+def test_shared_not_centered():
+    r = run(ch07.check_shared_base_factors, lambda w, k: shared(w, k, center=False))
+    assert r.status == FAIL and "factored the experts themselves" in r.message
 
 
 # ---------------------------------------------------------------- Exercise 7.2
-def rank_for_energy(s, energy, squared=True, offset=0):
-    e = s.double() ** 2 if squared else s.double()
-    frac = e.cumsum(0) / e.sum()
-    return min(int((frac < energy - 1e-9).sum()) + 1, s.numel()) + offset
+def test_global_ranks_reference_on_the_hand_case():
+    from moe_course.grading.ch07 import _global_ref
+
+    # sigma^2 / 4: [4, 0.25] and [2.25, 1]; budget 12 buys three ranks: 4, 2.25, 1
+    assert _global_ref([torch.tensor([4.0, 1.0]), torch.tensor([3.0, 2.0])], [(2, 2), (2, 2)], 12) == [1, 2]
 
 
-def test_energy_reference_passes():
-    assert run(ch07.check_rank_for_energy, rank_for_energy).status == PASS
+def test_global_ranks_uniform_fails():
+    r = run(ch07.check_global_ranks, lambda spectra, shapes, budget: [
+        budget // sum(m + n for m, n in shapes)] * len(spectra))
+    assert r.status == FAIL
 
 
-def test_energy_package_passes():
-    from moe_course.compress.lowrank import rank_for_energy as ref
+# ---------------------------------------------------------------- Exercise 7.3 (both ways, on the zoo model)
+def test_activation_aware_reference_passes_and_plain_svd_fails():
+    from mutants.ch07 import _factors
 
-    assert run(ch07.check_rank_for_energy, ref).status == PASS
-
-
-def test_energy_on_sigma():
-    r = run(ch07.check_rank_for_energy, lambda s, e: rank_for_energy(s, e, squared=False))
-    assert r.status == FAIL and "SQUARED" in r.message
-
-
-def test_energy_off_by_one():
-    r = run(ch07.check_rank_for_energy, lambda s, e: rank_for_energy(s, e, offset=-1))
-    assert r.status == FAIL and "off by one" in r.message
-
-
-def test_energy_wrong_type():
-    assert run(ch07.check_rank_for_energy, lambda s, e: "two").status in (FAIL, ERROR)
+    good = run(ch07.check_activation_aware_factors, lambda m, c: _factors(m, c))
+    assert good.status == PASS, good.message
+    weak = run(ch07.check_activation_aware_factors, lambda m, c: _factors(m, c, whiten=False))
+    assert weak.status == FAIL and "outputs" in weak.message

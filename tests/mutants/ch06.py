@@ -1,8 +1,6 @@
-"""Chapter 6: the distillation loss, the fraction of the teacher's gain preserved."""
+"""Chapter 6: the top-k distillation loss, that loss on the zoo model, healing a low-rank copy."""
 
 from __future__ import annotations
-
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -12,174 +10,217 @@ from . import Chapter
 M = Chapter("ch06")
 
 
-# ------------------------------------------------------------------ 6.1 kd
-def _flat(student_logits, teacher_logits, labels):
-    v = student_logits.shape[-1]
-    return student_logits.reshape(-1, v), teacher_logits.detach().reshape(-1, v), labels.reshape(-1)
-
-
-@M.right("check_kd_loss")
-def kd_by_hand(student_logits, teacher_logits, labels, temperature=2.0, alpha=0.5):
-    """KL written out as sum p (log p - log q), mean over positions."""
-    s, t, y = _flat(student_logits, teacher_logits, labels)
-    log_q = torch.log_softmax(s / temperature, -1)
-    log_p = torch.log_softmax(t / temperature, -1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean()
-    return alpha * temperature ** 2 * kl + (1 - alpha) * F.cross_entropy(s, y)
-
-
-def _kd(s, t, y, T, a, *, t2=True, reduction="batchmean", flatten=True, student_fn=F.log_softmax, swap_alpha=False,
-        reverse=False, temp=True):
-    if flatten:
-        s, t, y = _flat(s, t, y)
-    ts = T if temp else 1.0
-    log_q = F.log_softmax(s / ts, -1)
-    log_p = F.log_softmax(t / ts, -1)
-    if reverse:
-        soft = F.kl_div(log_p, log_q, reduction=reduction, log_target=True)
-    elif student_fn is F.log_softmax:
-        soft = F.kl_div(log_q, log_p, reduction=reduction, log_target=True)
+# ------------------------------------------------------------------ 6.1 top-k kd
+def _topk(s, z, y, k, tau, alpha, *, renorm_student=False, renorm_teacher=True, student_topk=False, t2=True,
+          flatten=True, swap_alpha=False, temp=True):
+    v = s.shape[-1]
+    s2, z2 = (s.reshape(-1, v), z.reshape(-1, v)) if flatten else (s, z)
+    ts = tau if temp else 1.0
+    idx = (s2 if student_topk else z2).topk(k, dim=-1).indices
+    if renorm_teacher:
+        log_p = F.log_softmax(z2.gather(-1, idx) / ts, -1)
     else:
-        soft = F.kl_div(torch.softmax(s / ts, -1), log_p.exp(), reduction=reduction)
+        log_p = F.log_softmax(z2 / ts, -1).gather(-1, idx)
+    if renorm_student:
+        log_q = F.log_softmax(s2.gather(-1, idx) / ts, -1)
+    else:
+        log_q = F.log_softmax(s2 / ts, -1).gather(-1, idx)
+    per = (log_p.exp() * (log_p - log_q)).sum(-1)
+    soft = per.sum() / (per.shape[0] if flatten else s.shape[0])
     if t2:
-        soft = soft * T ** 2
-    hard = F.cross_entropy(s.reshape(-1, s.shape[-1]), y.reshape(-1))
-    a_soft, a_hard = (1 - a, a) if swap_alpha else (a, 1 - a)
+        soft = soft * tau ** 2
+    hard = F.cross_entropy(s.reshape(-1, v), y.reshape(-1))
+    a_soft, a_hard = (1 - alpha, alpha) if swap_alpha else (alpha, 1 - alpha)
     return a_soft * soft + a_hard * hard
 
 
-@M.wrong("check_kd_loss", "t**2")
-def kd_no_t2(student_logits, teacher_logits, labels, temperature=2.0, alpha=0.5):
-    """No T**2 factor."""
-    return _kd(student_logits, teacher_logits, labels, temperature, alpha, t2=False)
+@M.right("check_topk_kd_loss")
+def topk_with_mask(student_logits, teacher_logits, labels, k, temperature=2.0, alpha=0.5):
+    """Masks the dropped teacher logits to -inf instead of gathering."""
+    v = student_logits.shape[-1]
+    s, z = student_logits.reshape(-1, v), teacher_logits.reshape(-1, v)
+    kth = z.topk(k, dim=-1).values[:, -1:]
+    masked = z.masked_fill(z < kth, float("-inf"))
+    p = torch.softmax(masked / temperature, -1)
+    log_p = torch.log_softmax(masked / temperature, -1).nan_to_num(neginf=0.0)
+    log_q = torch.log_softmax(s / temperature, -1)
+    soft = (p * (log_p - log_q)).sum(-1).mean() * temperature ** 2
+    return alpha * soft + (1 - alpha) * F.cross_entropy(s, labels.reshape(-1))
 
 
-@M.wrong("check_kd_loss", "direction is reversed")
-def kd_reversed(student_logits, teacher_logits, labels, temperature=2.0, alpha=0.5):
-    """KL(student || teacher)."""
-    return _kd(student_logits, teacher_logits, labels, temperature, alpha, reverse=True)
+@M.wrong("check_topk_kd_loss", "over all")
+def topk_student_renormalised(student_logits, teacher_logits, labels, k, temperature=2.0, alpha=0.5):
+    """Student softmax over the k classes only."""
+    return _topk(student_logits, teacher_logits, labels, k, temperature, alpha, renorm_student=True)
 
 
-@M.wrong("check_kd_loss", "log-probabilities")
-def kd_softmax_student(student_logits, teacher_logits, labels, temperature=2.0, alpha=0.5):
-    """F.kl_div fed probabilities, not log-probabilities."""
-    return _kd(student_logits, teacher_logits, labels, temperature, alpha, student_fn=torch.softmax)
+@M.wrong("check_topk_kd_loss", "renormalise the teacher")
+def topk_teacher_not_renormalised(student_logits, teacher_logits, labels, k, temperature=2.0, alpha=0.5):
+    """Teacher's full softmax probabilities at the k classes, not renormalised."""
+    return _topk(student_logits, teacher_logits, labels, k, temperature, alpha, renorm_teacher=False)
 
 
-@M.wrong("check_kd_loss", "alpha weights the soft")
-def kd_swapped_alpha(student_logits, teacher_logits, labels, temperature=2.0, alpha=0.5):
+@M.wrong("check_topk_kd_loss", "teacher's largest")
+def topk_from_student(student_logits, teacher_logits, labels, k, temperature=2.0, alpha=0.5):
+    """Top-k classes taken from the student's logits."""
+    return _topk(student_logits, teacher_logits, labels, k, temperature, alpha, student_topk=True)
+
+
+@M.wrong("check_topk_kd_loss", "t**2")
+def topk_no_t2(student_logits, teacher_logits, labels, k, temperature=2.0, alpha=0.5):
+    """No T**2."""
+    return _topk(student_logits, teacher_logits, labels, k, temperature, alpha, t2=False)
+
+
+@M.wrong("check_topk_kd_loss", "flatten")
+def topk_not_flattened(student_logits, teacher_logits, labels, k, temperature=2.0, alpha=0.5):
+    """Averages over the batch dimension only."""
+    return _topk(student_logits, teacher_logits, labels, k, temperature, alpha, flatten=False)
+
+
+@M.wrong("check_topk_kd_loss", "alpha weights the soft")
+def topk_swapped_alpha(student_logits, teacher_logits, labels, k, temperature=2.0, alpha=0.5):
     """alpha on the label term."""
-    return _kd(student_logits, teacher_logits, labels, temperature, alpha, swap_alpha=True)
+    return _topk(student_logits, teacher_logits, labels, k, temperature, alpha, swap_alpha=True)
 
 
-@M.wrong("check_kd_loss", "divide both")
-def kd_no_temperature(student_logits, teacher_logits, labels, temperature=2.0, alpha=0.5):
+@M.wrong("check_topk_kd_loss", "temperature")
+def topk_no_temperature(student_logits, teacher_logits, labels, k, temperature=2.0, alpha=0.5):
     """Logits not divided by T."""
-    return _kd(student_logits, teacher_logits, labels, temperature, alpha, temp=False)
+    return _topk(student_logits, teacher_logits, labels, k, temperature, alpha, temp=False)
 
 
-@M.wrong("check_kd_loss", "batchmean")
-def kd_sum_reduction(student_logits, teacher_logits, labels, temperature=2.0, alpha=0.5):
-    """reduction='sum'."""
-    return _kd(student_logits, teacher_logits, labels, temperature, alpha, reduction="sum")
+@M.wrong("check_topk_kd_loss", "differentiable")
+def topk_item(student_logits, teacher_logits, labels, k, temperature=2.0, alpha=0.5):
+    """Returns torch.tensor(loss.item())."""
+    return torch.tensor(_topk(student_logits, teacher_logits, labels, k, temperature, alpha).item())
 
 
-@M.wrong("check_kd_loss", "batchmean")
-def kd_mean_reduction(student_logits, teacher_logits, labels, temperature=2.0, alpha=0.5):
-    """reduction='mean' (divides by N*V, not N)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # torch warns that 'mean' is not the KL's definition
-        return _kd(student_logits, teacher_logits, labels, temperature, alpha, reduction="mean")
+@M.wrong("check_topk_kd_loss", "package's own")
+def topk_calls_package(student_logits, teacher_logits, labels, k, temperature=2.0, alpha=0.5):
+    """Calls the package's kd_loss (forbidden)."""
+    from moe_course.compress.distillation import kd_loss
+    return kd_loss(student_logits, teacher_logits, labels, temperature, alpha)
 
 
-@M.wrong("check_kd_loss", "flatten")
-def kd_not_flattened(student_logits, teacher_logits, labels, temperature=2.0, alpha=0.5):
-    """batchmean on [B, T, V] logits (divides by B, not B*T)."""
-    return _kd(student_logits, teacher_logits, labels, temperature, alpha, flatten=False)
+# ------------------------------------------------------------------ 6.2 on the zoo model
+def _zoo_losses(teacher, student, input_ids, ks, tau, *, alpha=1.0, swap=False, shift=True, use_tau=True):
+    x = input_ids[:, :-1] if shift else input_ids[:, 1:]
+    y = input_ids[:, 1:]
+    with torch.no_grad():
+        z, s = teacher.eval()(x), student.eval()(x)
+    if swap:
+        z, s = s, z
+    return [float(_topk(s, z, y, k, tau if use_tau else 1.0, alpha)) for k in ks]
 
 
-@M.wrong("check_kd_loss", "label loss")
-def kd_soft_only(student_logits, teacher_logits, labels, temperature=2.0, alpha=0.5):
-    """No label term."""
-    s, t, _ = _flat(student_logits, teacher_logits, labels)
-    soft = F.kl_div(F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1), reduction="batchmean",
-                    log_target=True)
-    return soft * temperature ** 2
+@M.right("check_soft_loss_by_k")
+def zoo_losses_inference_mode(teacher, student, input_ids, ks, tau):
+    """Under torch.inference_mode, one forward per model."""
+    with torch.inference_mode():
+        return _zoo_losses(teacher, student, input_ids, ks, tau)
 
 
-@M.wrong("check_kd_loss", "differentiable")
-def kd_item(student_logits, teacher_logits, labels, temperature=2.0, alpha=0.5):
-    """Returns a new tensor from .item() (no gradient)."""
-    return torch.tensor(_kd(student_logits, teacher_logits, labels, temperature, alpha).item())
+@M.wrong("check_soft_loss_by_k", "alpha=1.0")
+def zoo_losses_with_labels(teacher, student, input_ids, ks, tau):
+    """alpha=0.5: the label term is mixed in."""
+    return _zoo_losses(teacher, student, input_ids, ks, tau, alpha=0.5)
 
 
-# ------------------------------------------------------------------ 6.2 gain_fraction
-@M.right("check_gain_preserved")
-def gain_guarded_by_difference(student, baseline, teacher):
-    """Checks the gap, not equality, and returns a float."""
-    gap = teacher - baseline
-    if gap == 0:
-        raise ValueError("no gain between baseline and teacher")
-    return float((student - baseline) / gap)
+@M.wrong("check_soft_loss_by_k", "teacher is the original")
+def zoo_losses_swapped(teacher, student, input_ids, ks, tau):
+    """Teacher and student swapped."""
+    return _zoo_losses(teacher, student, input_ids, ks, tau, swap=True)
 
 
-@M.wrong("check_gain_preserved", "percentage")
-def gain_percent(student, baseline, teacher):
-    """In percent."""
-    if teacher == baseline:
-        raise ValueError("no gain")
-    return 100 * (student - baseline) / (teacher - baseline)
+@M.wrong("check_soft_loss_by_k", "input_ids[:, :-1]")
+def zoo_losses_no_shift(teacher, student, input_ids, ks, tau):
+    """Runs the models on input_ids[:, 1:] (the labels) instead of input_ids[:, :-1]."""
+    return _zoo_losses(teacher, student, input_ids, ks, tau, shift=False)
 
 
-@M.wrong("check_gain_preserved", "lost")
-def gain_lost(student, baseline, teacher):
-    """The fraction lost."""
-    if teacher == baseline:
-        raise ValueError("no gain")
-    return (teacher - student) / (teacher - baseline)
+@M.wrong("check_soft_loss_by_k", "temperature")
+def zoo_losses_tau_one(teacher, student, input_ids, ks, tau):
+    """Ignores tau (uses 1)."""
+    return _zoo_losses(teacher, student, input_ids, ks, tau, use_tau=False)
 
 
-@M.wrong("check_gain_preserved", "teacher - student")
-def gain_over_teacher_gap(student, baseline, teacher):
-    """Divided by teacher - student."""
-    if teacher == baseline:
-        raise ValueError("no gain")
-    return (student - baseline) / (teacher - student)
+@M.wrong("check_soft_loss_by_k", "one loss per k")
+def zoo_losses_only_full(teacher, student, input_ids, ks, tau):
+    """Returns only the loss of the last k."""
+    return _zoo_losses(teacher, student, input_ids, ks, tau)[-1]
 
 
-@M.wrong("check_gain_preserved", "keep the sign")
-def gain_abs(student, baseline, teacher):
-    """abs() of the result."""
-    if teacher == baseline:
-        raise ValueError("no gain")
-    return abs((student - baseline) / (teacher - baseline))
+# ------------------------------------------------------------------ 6.3 heal
+def _heal(student, teacher, train_data, *, steps=60, alpha=0.5, lr=1e-3, train_teacher=False, frozen=False,
+          k=None):
+    from moe_course.data import batches
+    teacher.eval()
+    student.train()
+    params = list(teacher.parameters()) if frozen else [p for p in student.parameters() if p.requires_grad]
+    if train_teacher:
+        params += list(teacher.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    for _, batch in zip(range(steps), batches(train_data, 32, shuffle=True, seed=0)):
+        ids = batch["input_ids"]
+        x, y = ids[:, :-1], ids[:, 1:]
+        if train_teacher:
+            z = teacher(x)
+        else:
+            with torch.no_grad():
+                z = teacher(x)
+        s = student(x)
+        loss = _topk(s, z.detach() if not train_teacher else z, y, k or s.shape[-1], 2.0, alpha)
+        if train_teacher:
+            loss = loss + F.cross_entropy(z.reshape(-1, z.shape[-1]), y.reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+    return student.eval()
 
 
-@M.wrong("check_gain_preserved", "valueerror")
-def gain_divides_by_zero(student, baseline, teacher):
-    """No check for teacher == baseline."""
-    return (student - baseline) / (teacher - baseline)
+@M.right("check_heal_lowrank")
+def heal_top16_teacher(student, teacher, train_data):
+    """Distils from the teacher's top-16 logits only (a cache-sized teacher)."""
+    return _heal(student, teacher, train_data, k=16)
 
 
-@M.wrong("check_gain_preserved", "lower is better")
-def gain_abs_denominator(student, baseline, teacher):
-    """abs() of the teacher's gain (wrong sign for losses, where lower is better)."""
-    if teacher == baseline:
-        raise ValueError("no gain")
-    return (student - baseline) / abs(teacher - baseline)
+@M.wrong("check_heal_lowrank", "got no better")
+def heal_optimises_teacher_params(student, teacher, train_data):
+    """The optimizer holds the teacher's parameters (which get no gradient): nothing moves."""
+    return _heal(student, teacher, train_data, frozen=True, steps=5)
 
 
-@M.wrong("check_gain_preserved", "outside [0, 1]")
-def gain_clipped(student, baseline, teacher):
-    """Clipped to [0, 1]."""
-    if teacher == baseline:
-        raise ValueError("no gain")
-    return min(max((student - baseline) / (teacher - baseline), 0.0), 1.0)
+@M.wrong("check_heal_lowrank", "teacher's weights changed")
+def heal_trains_teacher(student, teacher, train_data):
+    """Teacher's parameters in the optimizer with a gradient."""
+    return _heal(student, teacher, train_data, train_teacher=True, steps=3)
 
 
-@M.wrong("check_gain_preserved", "lower is better")
-def gain_rejects_losses(student, baseline, teacher):
-    """Raises unless the teacher is HIGHER than the baseline (forgets that losses go down)."""
-    if teacher <= baseline:
-        raise ValueError("the teacher must beat the baseline")
-    return (student - baseline) / (teacher - baseline)
+@M.wrong("check_heal_lowrank", "train longer")
+def heal_too_short(student, teacher, train_data):
+    """Five steps only."""
+    return _heal(student, teacher, train_data, steps=5)
+
+
+@M.wrong("check_heal_lowrank", "4.8x")
+def heal_back_to_full_rank(student, teacher, train_data):
+    """Returns a copy of the teacher (full-rank experts)."""
+    import copy
+    return copy.deepcopy(teacher)
+
+
+@M.wrong("check_heal_lowrank", "nn.module")
+def heal_returns_loss(student, teacher, train_data):
+    """Returns the final loss instead of the model."""
+    _heal(student, teacher, train_data, steps=2)
+    return 0.0
+
+
+@M.wrong("check_heal_lowrank", "package's own")
+def heal_with_train_student(student, teacher, train_data):
+    """Calls the package's train_student instead of writing the loop."""
+    from moe_course.compress.distillation import train_student
+    from moe_course.train import TrainConfig
+    return train_student(student, teacher, {"train": train_data}, cfg=TrainConfig(steps=60), progress=False)
