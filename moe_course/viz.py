@@ -615,7 +615,27 @@ def plot_race(results: Mapping[str, Mapping[Any, float] | float], ax=None, title
 # --------------------------------------------------------------------------------------------
 # recipes: quality against size or latency, with the Pareto frontier (chapter 11)
 # --------------------------------------------------------------------------------------------
-_FRONTIER_X = {"bytes": "true size (bytes, log scale)", "latency_ms": "measured latency of one batch (ms)"}
+_FRONTIER_X = {"bytes": "true size (log scale)", "latency_ms": "measured latency of one batch (ms)"}
+
+
+_LABEL_BOX = {"boxstyle": "round,pad=0.1", "facecolor": "white", "edgecolor": "none", "alpha": 0.8}
+
+
+def bytes_axis(ax, axis: str = "x") -> None:
+    """A log-scale byte axis with readable ticks: 1, 2 and 5 times powers of ten, written as
+    ``200 kB`` / ``1 MB``, and no minor labels (matplotlib's default crowds them)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    def fmt(v, _pos=None):
+        for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+            if v >= size:
+                return f"{v / size:g} {unit}"
+        return f"{v:g} B"
+
+    target = ax.xaxis if axis == "x" else ax.yaxis
+    target.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    target.set_major_formatter(FuncFormatter(fmt))
+    target.set_minor_formatter(NullFormatter())
 
 
 def place_labels(ax, points: Sequence[tuple[float, float]], texts: Sequence[str], fontsize: float = 10,
@@ -640,7 +660,7 @@ def place_labels(ax, points: Sequence[tuple[float, float]], texts: Sequence[str]
             ha = "left" if dx >= 0 else "right"
             va = "bottom" if dy >= 0 else "top"
             ann = ax.annotate(text, (xv, yv), xytext=(dx, dy), textcoords="offset points", fontsize=fontsize,
-                              color=color, ha=ha, va=va, zorder=6)
+                              color=color, ha=ha, va=va, zorder=6, bbox=_LABEL_BOX)
             bb = ann.get_window_extent(renderer)
             box = (bb.x0, bb.y0, bb.x1, bb.y1)
             free = all(box[2] <= t[0] or box[0] >= t[2] or box[3] <= t[1] or box[1] >= t[3] for t in taken)
@@ -652,7 +672,7 @@ def place_labels(ax, points: Sequence[tuple[float, float]], texts: Sequence[str]
             ann.remove()
         if best is None:  # nothing free: the first offset, still readable next to its point
             ann = ax.annotate(text, (xv, yv), xytext=offsets[0], textcoords="offset points", fontsize=fontsize,
-                              color=color, zorder=6)
+                              color=color, zorder=6, bbox=_LABEL_BOX)
             bb = ann.get_window_extent(renderer)
             best = (ann, (bb.x0, bb.y0, bb.x1, bb.y1))
         taken.append(best[1])
@@ -700,6 +720,7 @@ def plot_frontier(rows: Sequence[Mapping[str, Any]], x: str = "bytes", ax=None, 
     ax.scatter([xs[0]], [ys[0]], marker="*", s=160, color=PALETTE[0], label=str(rows[0]["technique"]), zorder=5)
     if x == "bytes":
         ax.set_xscale("log")
+        bytes_axis(ax)
     shown = np.ones(len(rows), dtype=bool)
     if zoom:  # frame the frontier: variants far worse than it are drawn on the edge as arrows
         ref = np.array(fy + [ys[0]])

@@ -154,7 +154,7 @@ def plot_grid(grid: Sequence[Mapping[str, Any]], metric: str = "quality", higher
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
 
-    from moe_course.viz import COURSE_STYLE, PALETTE, place_labels
+    from moe_course.viz import COURSE_STYLE, PALETTE, bytes_axis, place_labels
 
     grid = _check_grid(grid)
     keeps = sorted({r["keep"] for r in grid}, reverse=True)
@@ -182,7 +182,8 @@ def plot_grid(grid: Sequence[Mapping[str, Any]], metric: str = "quality", higher
                 a.plot([r["bytes"] for r in fr], [r["quality"] for r in fr], color="#333333", lw=0.8,
                        zorder=1)
             a.set_xscale("log")
-            a.set_xlabel("true size (bytes, log scale)")
+            bytes_axis(a)
+            a.set_xlabel("true size (log scale)")
             a.set_title(f"{kp} experts kept per layer", fontsize=10)
             place_labels(a, [(r["bytes"], r["quality"]) for r in fr], [str(number[id(r)]) for r in fr],
                          fontsize=10, avoid=[(r["bytes"], r["quality"]) for r in grid if r["keep"] == kp])

@@ -134,4 +134,4 @@ def test_replacement_reference_meets_the_target(capsys):
 def test_replacement_weak_attempt_fails():
     """Both ways: the same block without training misses the perplexity target."""
     r = run(ch10.check_mumoe_replacement, lambda m, i, c: replace_with_mumoe(m, i, c, steps=0))
-    assert r.status == FAIL and "perplexity rises" in r.message
+    assert r.status == FAIL and "no better than dropping the layer" in r.message

@@ -235,7 +235,7 @@ def replace_nothing(model, layer_index, calib):
     return copy.deepcopy(model)
 
 
-@M.wrong("check_mumoe_replacement", "fit longer")
+@M.wrong("check_mumoe_replacement", "perplexity rises")
 def replace_barely_trained(model, layer_index, calib):
     """Only 15 Adam steps."""
     return _fit(model, layer_index, calib, 48, 15)
