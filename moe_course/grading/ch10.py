@@ -313,7 +313,7 @@ def _ppl(model, val) -> float:
     return float(evaluate(model, val, batch_size=256)["perplexity"])
 
 
-@checker("Exercise 10.4 (a whole method): a μMoE layer replaces an MoE layer", timeout=600, check_mutation=False)
+@checker("Exercise 10.4 (a whole method): a μMoE layer replaces an MoE layer", timeout=1200, check_mutation=False)
 def check_mumoe_replacement(replace_fn) -> None:
     """``replace_with_mumoe(model, layer_index, calib) -> new model`` whose MoE layer ``layer_index``
     is a feed-forward with at most a quarter of that layer's expert parameters, and whose validation
