@@ -684,18 +684,86 @@ def plot_race(results: Mapping[str, Mapping[Any, float] | float], ax=None, title
 # --------------------------------------------------------------------------------------------
 # recipes: quality against size or latency, with the Pareto frontier (chapter 11)
 # --------------------------------------------------------------------------------------------
-_FRONTIER_X = {"bytes": "true size (bytes, log scale)", "latency_ms": "measured latency of one batch (ms)"}
+_FRONTIER_X = {"bytes": "true size (log scale)", "latency_ms": "measured latency of one batch (ms)"}
+
+
+_LABEL_BOX = {"boxstyle": "round,pad=0.1", "facecolor": "white", "edgecolor": "none", "alpha": 0.8}
+
+
+def bytes_axis(ax, axis: str = "x") -> None:
+    """A log-scale byte axis with readable ticks: 1, 2 and 5 times powers of ten, written as
+    ``200 kB`` / ``1 MB``, and no minor labels (matplotlib's default crowds them)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    def fmt(v, _pos=None):
+        for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+            if v >= size:
+                return f"{v / size:g} {unit}"
+        return f"{v:g} B"
+
+    target = ax.xaxis if axis == "x" else ax.yaxis
+    target.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    target.set_major_formatter(FuncFormatter(fmt))
+    target.set_minor_formatter(NullFormatter())
+
+
+def place_labels(ax, points: Sequence[tuple[float, float]], texts: Sequence[str], fontsize: float = 10,
+                 color: str = "#333333", avoid: Sequence[tuple[float, float]] = ()) -> list:
+    """Annotate ``points`` (data coordinates) with ``texts`` so that no two labels overlap each
+    other or cover a point of ``avoid`` (nor their own marker): for each label, the first of a few
+    candidate offsets around its point whose box is free. Returns the annotations."""
+    fig = ax.figure
+    fig.canvas.draw()  # fixes the limits and the renderer: boxes in display pixels
+    renderer = fig.canvas.get_renderer()
+    to_px = ax.transData.transform
+    taken = []  # boxes (x0, y0, x1, y1) in display pixels
+    for ax_, ay in [*avoid, *points]:
+        cx, cy = to_px((ax_, ay))
+        taken.append((cx - 4, cy - 4, cx + 4, cy + 4))
+    offsets = [(4, 4), (4, -4), (-4, 4), (-4, -4), (4, 14), (4, -14), (-4, 14), (-4, -14), (12, 0), (-12, 0),
+               (4, 24), (4, -24), (-4, 24), (-4, -24)]
+    out = []
+    for (xv, yv), text in zip(points, texts):
+        best = None
+        for dx, dy in offsets:
+            ha = "left" if dx >= 0 else "right"
+            va = "bottom" if dy >= 0 else "top"
+            ann = ax.annotate(text, (xv, yv), xytext=(dx, dy), textcoords="offset points", fontsize=fontsize,
+                              color=color, ha=ha, va=va, zorder=6, bbox=_LABEL_BOX)
+            bb = ann.get_window_extent(renderer)
+            box = (bb.x0, bb.y0, bb.x1, bb.y1)
+            free = all(box[2] <= t[0] or box[0] >= t[2] or box[3] <= t[1] or box[1] >= t[3] for t in taken)
+            frame = ax.get_window_extent(renderer)
+            inside = frame.contains(bb.x0, bb.y0) and frame.contains(bb.x1, bb.y1)
+            if free and inside:
+                best = (ann, box)
+                break
+            ann.remove()
+        if best is None:  # nothing free: the first offset, still readable next to its point
+            ann = ax.annotate(text, (xv, yv), xytext=offsets[0], textcoords="offset points", fontsize=fontsize,
+                              color=color, zorder=6, bbox=_LABEL_BOX)
+            bb = ann.get_window_extent(renderer)
+            best = (ann, (bb.x0, bb.y0, bb.x1, bb.y1))
+        taken.append(best[1])
+        out.append(best[0])
+    return out
 
 
 @_styled
 def plot_frontier(rows: Sequence[Mapping[str, Any]], x: str = "bytes", ax=None, title: str | None = None,
-                  label_all: bool = False, zoom: bool = True) -> Figure:
+                  label_all: bool = False, zoom: bool = True, numbered: bool = True) -> Figure:
     """Quality against ``x`` (``"bytes"`` or ``"latency_ms"``) for rows of
     :func:`moe_course.course_table.compression_table` (keys ``technique``, ``quality``,
     ``metric``, ``higher_is_better`` and ``x``). Every variant is a dot, the Pareto frontier
-    (:func:`~moe_course.compress.recipes.pareto_frontier`) a line through the labelled
-    non-dominated variants, the first row (the baseline) a star. ``zoom`` frames the quality axis
-    around the frontier and draws variants far worse than it as arrows on the edge. Returns the Figure."""
+    (:func:`~moe_course.compress.recipes.pareto_frontier`) a line through the non-dominated
+    variants, the first row (the baseline) a star. ``numbered`` (default) marks the frontier
+    variants 1, 2, ... (cheapest first) and names them in a key under the axes, so that long
+    names never overlap; otherwise the names are written next to the points, placed so that they
+    do not overlap (:func:`place_labels`). ``zoom`` frames the quality axis around the frontier
+    and draws variants far worse than it as arrows on the edge. Returns the Figure; the numbered
+    variants are in ``fig.frontier_key`` (a list of ``(number, technique)``)."""
+    from matplotlib.lines import Line2D
+
     from moe_course.compress.recipes import pareto_frontier
 
     if x not in _FRONTIER_X:
@@ -708,7 +776,7 @@ def plot_frontier(rows: Sequence[Mapping[str, Any]], x: str = "bytes", ax=None, 
         raise ValueError(f"rows: each row needs the keys {missing}")
     hib = bool(rows[0].get("higher_is_better", False))
     metric = rows[0].get("metric", "quality")
-    front = pareto_frontier(rows, x=x, y="quality", higher_is_better=hib)
+    front = sorted(pareto_frontier(rows, x=x, y="quality", higher_is_better=hib), key=lambda r: float(r[x]))
     on_front = {id(r) for r in front}
     fig, ax = figure_and_axes(ax, (6.4, 4.2))
     xs = np.array([float(r[x]) for r in rows])
@@ -719,20 +787,17 @@ def plot_frontier(rows: Sequence[Mapping[str, Any]], x: str = "bytes", ax=None, 
     ax.step(fx, fy, where="post", color=PALETTE[1], lw=1.5, zorder=3)
     ax.scatter(fx, fy, s=36, color=PALETTE[1], label="Pareto frontier", zorder=4)
     ax.scatter([xs[0]], [ys[0]], marker="*", s=160, color=PALETTE[0], label=str(rows[0]["technique"]), zorder=5)
-    order = {id(r): i for i, r in enumerate(front)}
-    for r, xv, yv in zip(rows, xs, ys):
-        if id(r) in on_front or label_all:
-            up = order.get(id(r), 0) % 2 == 0   # alternate above / below so neighbours do not overlap
-            ax.annotate(str(r["technique"]), (xv, yv), fontsize=7, xytext=(4, 4 if up else -10),
-                        textcoords="offset points", color="#333333" if id(r) in on_front else "#888888")
     if x == "bytes":
         ax.set_xscale("log")
+        bytes_axis(ax)
+    shown = np.ones(len(rows), dtype=bool)
     if zoom:  # frame the frontier: variants far worse than it are drawn on the edge as arrows
         ref = np.array(fy + [ys[0]])
         lo, hi = float(ref.min()), float(ref.max())
         span = max(hi - lo, 1e-3 * max(abs(hi), 1.0))
         y0, y1 = (lo - 3 * span, hi + 0.5 * span) if hib else (lo - 0.5 * span, hi + 3 * span)
         out = (ys < y0) | (ys > y1)
+        shown = ~out
         if out.any():
             edge = np.where(ys < y0, y0 + 0.02 * (y1 - y0), y1 - 0.02 * (y1 - y0))
             ax.scatter(xs[out], edge[out], marker="v" if hib else "^", s=30, color=PALETTE[7], zorder=2,
@@ -740,7 +805,26 @@ def plot_frontier(rows: Sequence[Mapping[str, Any]], x: str = "bytes", ax=None, 
         ax.set_ylim(y0, y1)
     ax.set_xlabel(_FRONTIER_X[x])
     ax.set_ylabel(f"{metric} ({'higher' if hib else 'lower'} is better)")
-    ax.legend(loc="best")
+    handles, labels = ax.get_legend_handles_labels()
+    ax.legend(handles, labels, loc="best", fontsize=9)
+    key = [(i + 1, str(r["technique"])) for i, r in enumerate(front)]
+    if numbered:
+        place_labels(ax, list(zip(fx, fy)), [str(n) for n, _ in key], fontsize=10,
+                     avoid=list(zip(xs[shown], ys[shown])))
+        if label_all:
+            rest = [r for r, s in zip(rows, shown) if s and id(r) not in on_front]
+            place_labels(ax, [(float(r[x]), float(r["quality"])) for r in rest],
+                         [str(r["technique"]) for r in rest], fontsize=8, color="#888888")
+        blank = Line2D([], [], linestyle="none")
+        ax.add_artist(ax.get_legend())
+        ax.legend([blank] * len(key), [f"{n}  {t}" for n, t in key], loc="upper center",
+                  bbox_to_anchor=(0.5, -0.2), ncol=1, fontsize=9, frameon=False, handlelength=0,
+                  handletextpad=0, title="frontier (cheapest first)", title_fontsize=9)
+    else:
+        labelled = [r for r, s in zip(rows, shown) if s and (label_all or id(r) in on_front)]
+        place_labels(ax, [(float(r[x]), float(r["quality"])) for r in labelled],
+                     [str(r["technique"]) for r in labelled], fontsize=8)
     if title:
         ax.set_title(title)
+    fig.frontier_key = key
     return fig

@@ -7,19 +7,23 @@ nothing is compressed while you drag: :func:`compute_grid` measures every combin
 values on a real model beforehand, and the explorer only looks rows up (:func:`lookup`).
 
 Static pages (the website, GitHub, a notebook opened without a kernel) cannot run widgets, so
-:func:`show_explorer` always draws the static figure first (:func:`plot_grid`: every grid point,
-with the Pareto frontier) and adds the sliders only when ``ipywidgets`` is importable.
+:func:`show_explorer` always shows the static view first (:func:`plot_grid`: every grid point
+with all four knobs, the numbered Pareto frontier and its table) with a note that the sliders need
+a running kernel, and adds the sliders only in a live kernel (:func:`live_kernel`) with
+``ipywidgets``: a headless execution stores no widget state in the notebook.
 """
 
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch.nn as nn
 
-__all__ = ["KNOBS", "compute_grid", "lookup", "plot_grid", "explorer", "show_explorer", "readout"]
+__all__ = ["KNOBS", "compute_grid", "lookup", "plot_grid", "frontier_rows", "frontier_table", "live_kernel",
+           "explorer", "show_explorer", "readout"]
 
 KNOBS = ("keep", "drop_layers", "expert_bits", "rest_bits")
 _KNOB_LABELS = {"keep": "experts kept / layer", "drop_layers": "MoE layers dropped",
@@ -141,40 +145,108 @@ def _baseline(grid):
 
 def plot_grid(grid: Sequence[Mapping[str, Any]], metric: str = "quality", higher_is_better: bool = False,
               highlight: Mapping[str, Any] | None = None, ax=None, title: str | None = None):
-    """Static view of the whole grid: quality against true bytes, one colour per expert bit width,
-    hollow markers for recipes that drop MoE layers, the Pareto frontier as a line and
-    ``highlight`` (a row) circled. Returns the Figure."""
+    """Static view of the whole grid with all four knobs: one panel per ``keep`` value (experts
+    kept per layer), colour = expert bit width, marker = bit width of the rest, hollow = MoE
+    layers dropped; the Pareto frontier of the whole grid is a line whose points are numbered
+    (cheapest first; :func:`frontier_rows` lists them with their knobs) and ``highlight`` (a row)
+    is circled. ``ax`` may be one axes (then every ``keep`` value shares it). Returns the Figure;
+    ``fig.frontier`` holds the numbered frontier rows."""
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
-    from moe_course.compress.recipes import pareto_frontier
-    from moe_course.viz import COURSE_STYLE, PALETTE, figure_and_axes
+    from moe_course.viz import COURSE_STYLE, PALETTE, bytes_axis, place_labels
 
     grid = _check_grid(grid)
+    keeps = sorted({r["keep"] for r in grid}, reverse=True)
+    bits = sorted({r["expert_bits"] for r in grid}, reverse=True)
+    rests = sorted({r["rest_bits"] for r in grid}, reverse=True)
+    drops = sorted({r["drop_layers"] for r in grid})
+    markers = dict(zip(rests, "os^Dvp"))
+    colours = {b: PALETTE[i % len(PALETTE)] for i, b in enumerate(bits)}
+    front = frontier_rows(grid, higher_is_better)
+    number = {id(r): i + 1 for i, r in enumerate(front)}
+    bname = lambda b: "fp32" if b == FP32 else f"{b}-bit"  # noqa: E731
     with plt.rc_context(COURSE_STYLE):
-        fig, ax = figure_and_axes(ax, (6.4, 4.2))
-        bits = sorted({r["expert_bits"] for r in grid}, reverse=True)
-        for i, b in enumerate(bits):
-            for n in sorted({r["drop_layers"] for r in grid}):
-                pts = [r for r in grid if r["expert_bits"] == b and r["drop_layers"] == n]
-                if not pts:
-                    continue
-                c = PALETTE[i % len(PALETTE)]
-                ax.scatter([r["bytes"] for r in pts], [r["quality"] for r in pts], s=24, zorder=2,
-                           facecolors=c if n == 0 else "none", edgecolors=c,
-                           label=f"experts {'fp32' if b == FP32 else f'{b}-bit'}" if n == min(r["drop_layers"] for r in grid) else None)
-        front = pareto_frontier(grid, x="bytes", y="quality", higher_is_better=higher_is_better)
-        ax.step([r["bytes"] for r in front], [r["quality"] for r in front], where="post", color="#333333",
-                lw=1.0, zorder=1, label="Pareto frontier")
-        if highlight is not None:
-            ax.scatter([highlight["bytes"]], [highlight["quality"]], s=160, facecolors="none", edgecolors="#C44E52",
-                       lw=2, zorder=5, label="selected")
-        ax.set_xscale("log")
-        ax.set_xlabel("true size (bytes, log scale); hollow: MoE layers dropped")
-        ax.set_ylabel(f"{metric} ({'higher' if higher_is_better else 'lower'} is better)")
-        ax.legend(fontsize=7, ncol=2)
+        if ax is None:
+            fig, axes = plt.subplots(1, len(keeps), figsize=(7.5, 4.0), sharey=True, squeeze=False)
+            axes = list(axes[0])
+        else:
+            fig, axes = ax.figure, [ax] * len(keeps)
+        for a, kp in zip(axes, keeps):
+            for r in (r for r in grid if r["keep"] == kp):
+                c = colours[r["expert_bits"]]
+                a.scatter([r["bytes"]], [r["quality"]], s=30, marker=markers[r["rest_bits"]], zorder=2,
+                          facecolors=c if r["drop_layers"] == 0 else "none", edgecolors=c)
+            fr = [r for r in front if r["keep"] == kp]
+            if fr:
+                a.plot([r["bytes"] for r in fr], [r["quality"] for r in fr], color="#333333", lw=0.8,
+                       zorder=1)
+            a.set_xscale("log")
+            bytes_axis(a)
+            a.set_xlabel("true size (log scale)")
+            a.set_title(f"{kp} experts kept per layer", fontsize=10)
+            place_labels(a, [(r["bytes"], r["quality"]) for r in fr], [str(number[id(r)]) for r in fr],
+                         fontsize=10, avoid=[(r["bytes"], r["quality"]) for r in grid if r["keep"] == kp])
+            if highlight is not None and highlight["keep"] == kp:
+                a.scatter([highlight["bytes"]], [highlight["quality"]], s=160, facecolors="none",
+                          edgecolors="#C44E52", lw=2, zorder=5)
+        axes[0].set_ylabel(f"{metric}\n({'higher' if higher_is_better else 'lower'} is better)")
+        handles = [Line2D([], [], marker="o", ls="none", color=colours[b], label=f"experts {bname(b)}")
+                   for b in bits]
+        handles += [Line2D([], [], marker=markers[b], ls="none", color="#555555", label=f"rest {bname(b)}")
+                    for b in rests]
+        handles += [Line2D([], [], marker="o", ls="none", color="#555555",
+                           markerfacecolor="#555555" if n == 0 else "none",
+                           label=f"{n} MoE layer{'s' if n != 1 else ''} dropped") for n in drops]
+        handles.append(Line2D([], [], color="#333333", lw=0.8, label="Pareto frontier (numbered)"))
+        fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=9, frameon=False,
+                   bbox_to_anchor=(0.5, -0.02))
         if title:
-            ax.set_title(title)
+            fig.suptitle(title, fontsize=11)
+        with warnings.catch_warnings():  # place_labels drew the figure once already
+            warnings.simplefilter("ignore", UserWarning)
+            fig.tight_layout(rect=(0, 0.16 + 0.04 * (len(handles) > 8), 1, 1))
+    fig.frontier = front
     return fig
+
+
+def frontier_rows(grid: Sequence[Mapping[str, Any]], higher_is_better: bool = False) -> list[Mapping[str, Any]]:
+    """The grid's Pareto frontier of size against quality, cheapest first (the numbered points
+    of :func:`plot_grid`)."""
+    from moe_course.compress.recipes import pareto_frontier
+
+    grid = _check_grid(grid)
+    return sorted(pareto_frontier(grid, x="bytes", y="quality", higher_is_better=higher_is_better),
+                  key=lambda r: r["bytes"])
+
+
+def frontier_table(grid: Sequence[Mapping[str, Any]], metric: str = "quality", higher_is_better: bool = False):
+    """The numbered frontier points of :func:`plot_grid` with all four knobs, as a DataFrame."""
+    import pandas as pd
+
+    rows = frontier_rows(grid, higher_is_better)
+    bname = lambda b: "fp32" if b == FP32 else f"{b}"  # noqa: E731
+    return pd.DataFrame([{"#": i + 1, _KNOB_LABELS["keep"]: r["keep"],
+                          _KNOB_LABELS["drop_layers"]: r["drop_layers"],
+                          _KNOB_LABELS["expert_bits"]: bname(r["expert_bits"]),
+                          _KNOB_LABELS["rest_bits"]: bname(r["rest_bits"]),
+                          "bytes": int(r["bytes"]), "ratio": float(r.get("ratio", float("nan"))),
+                          metric: float(r["quality"])} for i, r in enumerate(rows)])
+
+
+def live_kernel() -> bool:
+    """Whether sliders can work here: a notebook server (Jupyter sets ``JPY_SESSION_NAME`` for its
+    kernels), Colab or VS Code. A headless execution (``moe-course execute``, nbclient, nbval)
+    is not one, so the book stores no widget (its state would make the static page fetch
+    JavaScript from a CDN and still not move). ``MOE_COURSE_SLIDERS=1`` / ``0`` overrides."""
+    import os
+    import sys
+
+    force = os.environ.get("MOE_COURSE_SLIDERS")
+    if force in ("0", "1"):
+        return force == "1"
+    return ("google.colab" in sys.modules or "JPY_SESSION_NAME" in os.environ
+            or "VSCODE_PID" in os.environ or "VSCODE_CWD" in os.environ)
 
 
 def explorer(grid: Sequence[Mapping[str, Any]], metric: str = "quality", higher_is_better: bool = False):
@@ -204,19 +276,41 @@ def explorer(grid: Sequence[Mapping[str, Any]], metric: str = "quality", higher_
 
 
 def show_explorer(grid: Sequence[Mapping[str, Any]], metric: str = "quality", higher_is_better: bool = False,
-                  title: str | None = None, display: Callable[[Any], Any] | None = None):
-    """Show the static figure (always: the website and GitHub show it), then the sliders when
-    ``ipywidgets`` is available. Returns ``(figure, widget_or_None)``."""
+                  title: str | None = None, display: Callable[[Any], Any] | None = None,
+                  colab_url: str | None = None, sliders: bool | None = None):
+    """Show the static view (always: the website and GitHub show it): the figure of the whole
+    grid (:func:`plot_grid`), the table of its numbered frontier points with all four knobs and
+    a note that the sliders need a running kernel (with a link to ``colab_url``); then the
+    sliders when ``sliders`` is true (default :func:`live_kernel`) and ``ipywidgets`` is
+    available. Returns ``(figure, widget_or_None)``."""
     if display is None:
         from IPython.display import display
     import matplotlib.pyplot as plt
 
+    from moe_course.viz import table
+
     fig = plot_grid(grid, metric, higher_is_better, title=title)
     display(fig)
     plt.close(fig)  # shown once: the inline backend would show it again at the end of the cell
+    display(table(frontier_table(grid, metric, higher_is_better), digits={"ratio": 2, metric: 3},
+                  caption="the numbered frontier points and their four knobs"))
+    if sliders is None:
+        sliders = live_kernel()
+    note = ("The four sliders (experts kept per layer, MoE layers dropped, expert bits, rest bits) "
+            "need a running Python kernel")
+    if not sliders:
+        try:
+            from IPython.display import Markdown
+        except ImportError:  # pragma: no cover - IPython ships with the notebook stack
+            Markdown = str  # noqa: N806
+        link = f": [open this notebook in Colab]({colab_url}) or run it locally" if colab_url else \
+            ": run this notebook locally or in Colab"
+        display(Markdown(f"*{note}{link}; the figure and table above show every combination.*"))
+        return fig, None
     try:
         box = explorer(grid, metric, higher_is_better)
     except ImportError:
+        display(f"{note}, and ipywidgets is not installed (pip install ipywidgets).")
         return fig, None
     display(box)
     return fig, box

@@ -1,13 +1,19 @@
-"""Chapter 11 checkers: the reference passes, typical mistakes are caught (stubs: test_grading_scaffold.py)."""
+"""Chapter 11 checkers: the reference passes, typical mistakes are caught, the whole-method exercise is
+graded both ways on the zoo model (stubs: test_grading_scaffold.py)."""
 
 from __future__ import annotations
 
 import copy
 
 import pytest
+import torch
 from conftest import run
 
+import torch.nn as nn
+import torch.nn.functional as F
+
 from moe_course import metrics
+from moe_course.compress.quantization import quantize, quantize_rest
 from moe_course.compress.recipes import pareto_frontier as package_pareto
 from moe_course.grading import ch11
 from moe_course.grading.core import ERROR, FAIL, PASS
@@ -78,66 +84,7 @@ def test_pareto_indices_caught():
     assert r.status == FAIL and "dicts" in r.message
 
 
-# ---------------------------------------------------------------- Exercise 11.2
-def run_pipeline(model, steps):
-    sizes = [metrics.size_report(model).bytes]
-    for step in steps:
-        model = step(model)
-        sizes.append(metrics.size_report(model).bytes)
-    return model, sizes
-
-
-def run_pipeline_param_bytes(model, steps):
-    def nbytes(m):
-        return sum(p.numel() * p.element_size() for p in m.parameters())
-
-    sizes = [nbytes(model)]
-    for step in steps:
-        model = step(model)
-        sizes.append(nbytes(model))
-    return model, sizes
-
-
-def run_pipeline_no_input_size(model, steps):
-    sizes = []
-    for step in steps:
-        model = step(model)
-        sizes.append(metrics.size_report(model).bytes)
-    return model, sizes
-
-
-def run_pipeline_returns_input(model, steps):
-    out, sizes = run_pipeline(model, steps)
-    return model, sizes
-
-
-def run_pipeline_mutates(model, steps):
-    from moe_course.compress.quantization import quantize
-
-    quantize(model, 4, group_size=16, inplace=True)
-    return run_pipeline(model, steps)
-
-
-def test_pipeline_reference_passes():
-    assert run(ch11.check_run_pipeline, run_pipeline).status == PASS
-
-
-@pytest.mark.parametrize("wrong, word", [
-    (run_pipeline_param_bytes, "BUFFERS"),
-    (run_pipeline_no_input_size, "sizes"),
-    (run_pipeline_returns_input, "LAST step"),
-])
-def test_pipeline_mistakes_caught(wrong, word):
-    r = run(ch11.check_run_pipeline, wrong)
-    assert r.status in (FAIL, ERROR) and word in r.message
-
-
-def test_pipeline_mutation_caught():
-    r = run(ch11.check_run_pipeline, run_pipeline_mutates)
-    assert r.status in (FAIL, ERROR)
-
-
-# ---------------------------------------------------------------- Exercise 11.3
+# ---------------------------------------------------------------- Exercise 11.2 (use it)
 def pick_recipe(rows, max_loss_pct):
     q0 = rows[0]["quality"]
 
@@ -193,3 +140,62 @@ def test_pick_mistakes_caught(wrong, word):
 def test_pick_does_not_need_mutable_input():
     rows = [{"ratio": 1.0, "quality": 1.0, "higher_is_better": True, "technique": "b"}]
     assert pick_recipe(copy.deepcopy(rows), 0.0)["technique"] == "b"
+
+
+
+def test_pareto_calling_the_package_is_caught():
+    r = run(ch11.check_pareto_frontier, lambda points, x, y, hib: package_pareto(points, x, y, hib))
+    assert r.status == FAIL and "package's own" in r.message
+
+
+def test_pick_runs_on_the_real_table(capsys):
+    """The use-it part: the learner's picks on the real quick table of mnist1d-moe are printed."""
+    assert run(ch11.check_pick_recipe, pick_recipe).status == PASS
+    rows = ch11.real_rows()
+    assert rows[0]["technique"] == "baseline (fp32)" and rows[0]["higher_is_better"] and len(rows) == 8
+    real = {r["technique"] for r in rows}
+    wrong_on_real = lambda rows, b: rows[0] if real <= {r["technique"] for r in rows} else pick_recipe(rows, b)  # noqa: E731
+    r = run(ch11.check_pick_recipe, wrong_on_real)
+    assert r.status == FAIL and "real mnist1d-moe table" in r.message
+
+
+# ---------------------------------------------------------------- Exercise 11.3 (a whole method)
+class Int8Conv1d(nn.Module):
+    def __init__(self, conv):
+        super().__init__()
+        w = conv.weight.detach()
+        flat = w.reshape(w.shape[0], -1)
+        scale = (flat.abs().max(1).values / 127).clamp(min=1e-8)
+        self.register_buffer("codes", (torch.round(flat / scale[:, None]) + 128).clamp(0, 255)
+                             .to(torch.uint8).reshape(w.shape))
+        self.register_buffer("scale", scale.half())
+        self.bias, self.conv = conv.bias, dict(stride=conv.stride, padding=conv.padding, groups=conv.groups)
+
+    def forward(self, x):
+        return F.conv1d(x, (self.codes.float() - 128) * self.scale.float()[:, None, None], self.bias,
+                        **self.conv)
+
+
+def compress_classifier(model, calib):
+    out = quantize_rest(quantize(model, 2, group_size=32), 8, group_size=32)
+    for parent in list(out.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Conv1d):
+                setattr(parent, name, Int8Conv1d(child))
+    return out
+
+
+def test_compress_reference_passes_the_target(capsys):
+    r = run(ch11.check_compress_classifier, compress_classifier)
+    assert r.status == PASS, r.message
+    out = capsys.readouterr().out
+    assert "x smaller" in out and "accuracy" in out
+
+
+def test_compress_weak_attempts_fail():
+    """Both ways: the best package-only recipe (7.3x) and a 4-bit quantization miss the target."""
+    r = run(ch11.check_compress_classifier, lambda m, c: quantize_rest(quantize(m, 2, group_size=32), 8,
+                                                                        group_size=32))
+    assert r.status == FAIL and "convolutions" in r.message
+    r = run(ch11.check_compress_classifier, lambda m, c: quantize(m, 4, group_size=32))
+    assert r.status == FAIL and "smaller" in r.message

@@ -88,11 +88,75 @@ def test_explorer_readout_follows_sliders(setup):
 def test_show_explorer_always_shows_static_figure(setup, monkeypatch):
     _, _, _, grid = setup
     shown = []
-    fig, box = widgets.show_explorer(grid, "accuracy", True, display=shown.append)
+    fig, box = widgets.show_explorer(grid, "accuracy", True, display=shown.append, sliders=True,
+                                     colab_url="https://colab.example/nb.ipynb")
     assert isinstance(shown[0], Figure) and shown[0] is fig
     if box is not None:
-        assert shown[1] is box
+        assert shown[-1] is box
     monkeypatch.setitem(sys.modules, "ipywidgets", None)   # ipywidgets missing: import fails
     shown.clear()
-    fig, box = widgets.show_explorer(grid, "accuracy", True, display=shown.append)
-    assert box is None and len(shown) == 1 and isinstance(shown[0], Figure)
+    fig, box = widgets.show_explorer(grid, "accuracy", True, display=shown.append, sliders=True)
+    assert box is None and isinstance(shown[0], Figure)
+    assert not any(type(s).__name__ == "VBox" for s in shown)
+
+
+def test_static_fallback_shows_all_knobs_labels_and_says_sliders_need_a_kernel(setup):
+    """The website's view: every knob visible (panel, colour, marker, fill), the frontier points
+    numbered and listed with their knobs, and a note with the Colab link; no widget stored."""
+    _, _, _, grid = setup
+    shown = []
+    fig, box = widgets.show_explorer(grid, "accuracy", True, display=shown.append, sliders=False,
+                                     colab_url="https://colab.example/nb.ipynb")
+    assert box is None
+    axes = [a for a in fig.axes if a.get_title()]
+    assert {a.get_title() for a in axes} == {"8 experts kept per layer", "6 experts kept per layer"}
+    legend = " ".join(t.get_text() for lg in fig.legends for t in lg.get_texts())
+    for word in ("experts fp32", "experts 4-bit", "rest fp32", "rest 8-bit", "0 MoE layers dropped",
+                 "1 MoE layer dropped", "Pareto frontier"):
+        assert word in legend, word
+    front = widgets.frontier_rows(grid, higher_is_better=True)
+    numbers = sorted(int(t.get_text()) for a in axes for t in a.texts)
+    assert numbers == list(range(1, len(front) + 1))
+    table = shown[1].data  # the Styler's DataFrame
+    assert list(table["#"]) == numbers and {"experts kept / layer", "MoE layers dropped", "expert bits",
+                                            "rest bits"} <= set(table.columns)
+    note = shown[2].data
+    assert "need a running Python kernel" in note and "https://colab.example/nb.ipynb" in note
+
+
+def test_live_kernel_is_false_when_executed_headless(monkeypatch):
+    for var in ("JPY_SESSION_NAME", "VSCODE_PID", "VSCODE_CWD", "MOE_COURSE_SLIDERS"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.delitem(sys.modules, "google.colab", raising=False)
+    assert widgets.live_kernel() is False
+    monkeypatch.setenv("JPY_SESSION_NAME", "x.ipynb")
+    assert widgets.live_kernel() is True
+    monkeypatch.setenv("MOE_COURSE_SLIDERS", "0")
+    assert widgets.live_kernel() is False
+
+
+def test_frontier_labels_do_not_overlap():
+    """viz.plot_frontier numbers the frontier points and places the numbers so that no two
+    overlap; the key under the axes names every numbered variant."""
+    import matplotlib.pyplot as plt
+
+    from moe_course import viz
+
+    rows = [{"technique": "baseline (fp32)", "bytes": 3.0e6, "quality": 6.86, "metric": "perplexity",
+             "higher_is_better": False}]
+    names = ["quantize everything", "3-bit experts, 4-bit rest", "trim + quantize", "trim + quantize + KD",
+             "2-bit experts, 8-bit rest", "quantize experts"]
+    for i, n in enumerate(names):  # crowded: neighbours almost on top of each other
+        rows.append({**rows[0], "technique": n, "bytes": 4.8e5 - 2.5e4 * i, "quality": 6.862 + 0.004 * i})
+    fig = viz.plot_frontier(rows, x="bytes")
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    r = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(r) for t in ax.texts]
+    assert len(boxes) == len(fig.frontier_key) >= 3
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert not a.overlaps(b), "two frontier labels overlap"
+    key = " ".join(t.get_text() for t in ax.get_legend().get_texts())
+    assert all(name in key for _, name in fig.frontier_key)
+    plt.close(fig)

@@ -1,9 +1,11 @@
-"""Checkers for chapter 11, recipes and trade-offs: the Pareto frontier, a pipeline runner that
-records true sizes, and picking a recipe for a quality budget.
+"""Checkers for chapter 11, recipes and trade-offs: the Pareto sweep (11.1), picking a recipe for a
+quality budget, then on the real compression table of the MNIST-1D zoo model (11.2, use it), and a
+whole compression method of the learner's own, graded on a numeric target on that zoo model (11.3:
+at least 8x smaller in true bytes, at most 1 accuracy point lost, without the package's pipeline).
 
 Each checker compares the student's function with the package's reference
-(:func:`moe_course.compress.recipes.pareto_frontier`, :func:`moe_course.metrics.size_report`,
-:func:`pick_recipe_reference`) on fixed, random and edge cases, and names the usual mistakes.
+(:func:`moe_course.compress.recipes.pareto_frontier`, :func:`pick_recipe_reference`) on fixed,
+random and edge cases, and names the usual mistakes.
 """
 
 from __future__ import annotations
@@ -13,12 +15,15 @@ import random
 
 import torch
 
-from moe_course.compress.quantization import quantize_rest
+# Loaded before any check forbids a package function: a module first imported while a function is
+# swapped for its stub would keep the stub (course_table imports recipes.pipeline).
+from moe_course import course_table  # noqa: F401
 from moe_course.compress.recipes import pareto_frontier
 
 from .core import CheckFailed, checker, expect
 
-__all__ = ["check_pareto_frontier", "check_run_pipeline", "check_pick_recipe", "quality_loss", "pick_recipe_reference"]
+__all__ = ["check_pareto_frontier", "check_pick_recipe", "check_compress_classifier", "quality_loss",
+           "pick_recipe_reference", "real_rows", "classifier_setup", "TARGET_RATIO", "MAX_POINTS_LOST"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -43,7 +48,7 @@ def _point_sets():
     return fixed
 
 
-@checker("Exercise 11.1: the Pareto frontier")
+@checker("Exercise 11.1: the Pareto frontier", forbid=("moe_course.compress.recipes.pareto_frontier",))
 def check_pareto_frontier(pareto_fn) -> None:
     for pts, desc in _point_sets():
         for hib in (False, True):
@@ -69,65 +74,7 @@ def check_pareto_frontier(pareto_fn) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Exercise 11.2: a pipeline runner that records true sizes
-# --------------------------------------------------------------------------------------------
-def _tiny_model():
-    from moe_course.models import model_from_config
-    from moe_course.zoo import preset_configs
-
-    cfg, _ = preset_configs("test", "mnist1d-moe")
-    torch.manual_seed(0)
-    return model_from_config(cfg).eval()
-
-
-@checker("Exercise 11.2: a pipeline runner recording true sizes")
-def check_run_pipeline(run_fn) -> None:
-    from moe_course.compress.quantization import quantize
-    from moe_course.metrics import size_report
-
-    model = _tiny_model()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    steps = [lambda m: quantize(m, 4, group_size=16), lambda m: quantize_rest(m, 8, group_size=16)]
-    out = run_fn(model, steps)
-    expect(isinstance(out, tuple) and len(out) == 2, "return a pair (final_model, sizes)")
-    final, sizes = out
-    expect(isinstance(final, torch.nn.Module), f"the first item must be the final model, got {type(final).__name__}")
-    sizes = list(sizes)
-    expect(len(sizes) == len(steps) + 1,
-           f"record {len(steps) + 1} sizes: the input's, then one after each of the {len(steps)} steps (got {len(sizes)})")
-    ref = [size_report(model).bytes]
-    m = model
-    for f in steps:
-        m = f(m)
-        ref.append(size_report(m).bytes)
-    params4 = [4 * sum(p.numel() for p in x.parameters()) for x in (model, quantize(model, 4, group_size=16))]
-    if sizes[1] == params4[1] or sizes[1] == sum(p.numel() * p.element_size() for p in m.parameters()):
-        raise CheckFailed("quantized weights are packed uint8 BUFFERS, not parameters: count every tensor's real bytes "
-                          "with moe_course.metrics.size_report(model).bytes")
-    counts = [size_report(model).total_params]
-    m = model
-    for f in steps:
-        m = f(m)
-        counts.append(size_report(m).total_params)
-    if sizes == counts:
-        raise CheckFailed("those are parameter counts, not sizes: record the true bytes of every stored tensor, "
-                          "moe_course.metrics.size_report(model).bytes")
-    expect(sizes[0] == ref[0], f"sizes[0] must be the input model's true bytes {ref[0]:,}, got {sizes[0]!r}")
-    if sizes == [ref[0]] + [size_report(f(model)).bytes for f in steps]:
-        raise CheckFailed(f"each step is applied to the INPUT model: a pipeline chains them, each step gets the "
-                          f"previous step's output (model = step(model)); sizes should be {ref}, got {sizes}")
-    expect(sizes == ref, f"sizes should be {ref} (true bytes after each step), got {sizes}")
-    expect(final is not model and size_report(final).bytes == ref[-1],
-           "return the model produced by the LAST step, not the input model")
-    after = model.state_dict()
-    expect(all(torch.equal(before[k], after[k]) for k in before), "the input model was modified")
-    # no steps: the input's size only, and the model itself
-    out = run_fn(model, [])
-    expect(list(out[1]) == [ref[0]], "with no steps, sizes is just [input bytes]")
-
-
-# --------------------------------------------------------------------------------------------
-# Exercise 11.3: pick a recipe for a quality budget
+# Exercise 11.2 (use it): pick a recipe for a quality budget, then on the real table
 # --------------------------------------------------------------------------------------------
 def quality_loss(row, baseline) -> float:
     """Quality lost against ``baseline`` in percent of the baseline's quality (positive = worse)."""
@@ -222,8 +169,68 @@ def _technique(row):
     return row.get("technique") if isinstance(row, dict) else row
 
 
-@checker("Exercise 11.3: pick a recipe for a quality budget", allow_none=True)
+_REAL: dict = {}
+REAL_BUDGETS = (0.5, 1.0, 5.0)
+
+
+def real_rows() -> list[dict]:
+    """A compression table of the ``mnist1d-moe`` zoo model in the format of
+    ``compression_table`` (``technique``, ``steps``, ``bytes``, ``ratio``, ``quality``, ``metric``,
+    ``higher_is_better``): the fp32 baseline and seven single or combined steps, measured once per
+    session on the first 1,000 validation signals."""
+    if "rows" not in _REAL:
+        from moe_course import zoo
+        from moe_course.compress.quantization import quantize, quantize_rest
+        from moe_course.compress.trimming import drop_experts, drop_layers
+        from moe_course.metrics import size_report
+        from moe_course.train import evaluate
+
+        model = zoo.pretrained("mnist1d-moe", progress=False).cpu().eval()
+        d = zoo.data("mnist1d-moe")
+        val, calib = d["validation"].select(range(1000)), d["train"].shuffle(seed=0).select(range(256))
+        variants = [
+            ("baseline (fp32)", "", lambda: model),
+            ("quantize experts", "quantize(4 bit, g32)", lambda: quantize(model, 4, group_size=32)),
+            ("quantize experts 3-bit", "quantize(3 bit, g32)", lambda: quantize(model, 3, group_size=32)),
+            ("quantize experts 2-bit", "quantize(2 bit, g32)", lambda: quantize(model, 2, group_size=32)),
+            ("2-bit experts, 8-bit rest", "quantize(2 bit, g32) -> quantize_rest(8 bit)",
+             lambda: quantize_rest(quantize(model, 2, group_size=32), 8, group_size=32)),
+            ("expert drop", "drop_experts(keep 6)", lambda: drop_experts(model, 6, calib=calib)),
+            ("layer drop", "drop_layers(keep 2)", lambda: drop_layers(model, keep=2, calib=calib)),
+            ("expert drop + quantize", "drop_experts(keep 6) -> quantize(3 bit, g32)",
+             lambda: quantize(drop_experts(model, 6, calib=calib), 3, group_size=32)),
+        ]
+        b0 = size_report(model).bytes
+        rows = []
+        for technique, steps, make in variants:
+            m = make()
+            b = size_report(m).bytes
+            rows.append({"technique": technique, "steps": steps, "bytes": b, "ratio": b0 / b,
+                         "quality": float(evaluate(m, val, batch_size=500)["accuracy"]),
+                         "metric": "accuracy", "higher_is_better": True})
+        _REAL["rows"] = rows
+    return copy.deepcopy(_REAL["rows"])
+
+
+@checker("Exercise 11.2 (use it): pick a recipe for a quality budget", allow_none=True, timeout=900)
 def check_pick_recipe(pick_fn) -> None:
+    """``pick_recipe(rows, max_loss_pct)`` on hand-made and random tables, then on a real
+    compression table of mnist1d-moe (:func:`real_rows`) at budgets 0.5 %, 1 % and 5 % (the picks
+    printed)."""
+    _check_pick_tables(pick_fn)
+    rows = real_rows()
+    lines = []
+    for budget in REAL_BUDGETS:
+        got, ref = pick_fn(copy.deepcopy(rows), budget), pick_recipe_reference(rows, budget)
+        expect(_technique(got) == _technique(ref),
+               f"on the real mnist1d-moe table with a budget of {budget}% you picked {_technique(got)!r}, "
+               f"the reference picks {_technique(ref)!r}")
+        lines.append(f"{budget}%: {ref['technique']!r} ({ref['ratio']:.2f}x, "
+                     f"{quality_loss(ref, rows[0]):+.2f}% accuracy)")
+    print("mnist1d-moe, a compression table of 8 variants: your picks within " + "; ".join(lines))
+
+
+def _check_pick_tables(pick_fn) -> None:
     tables = _tables()
     picks = []
     for rows, budget in tables:
@@ -261,3 +268,90 @@ def check_pick_recipe(pick_fn) -> None:
     best = next(r for r in rows if r["technique"] == ref)
     raise CheckFailed(f"{said}: {ref!r} (ratio {best['ratio']}) meets the budget with a larger ratio than your "
                       f"{got!r} (ratio {chosen['ratio']}); on equal ratios prefer the better quality {where}")
+
+
+# --------------------------------------------------------------------------------------------
+# Exercise 11.3 (a whole method): the MNIST-1D classifier 8x smaller, at most 1 point lost
+# --------------------------------------------------------------------------------------------
+TARGET_RATIO = 8.0
+MAX_POINTS_LOST = 1.0
+_CLS: dict = {}
+
+
+def classifier_setup():
+    """``(model, validation, calibration)``: the ``mnist1d-moe`` zoo model, its whole validation
+    split (the grade) and 256 shuffled TRAINING examples (for any calibration)."""
+    if not _CLS:
+        from moe_course import zoo
+        d = zoo.data("mnist1d-moe")
+        _CLS["model"] = zoo.pretrained("mnist1d-moe", progress=False).cpu().eval()
+        _CLS["val"] = d["validation"]
+        _CLS["calib"] = d["train"].shuffle(seed=0).select(range(256))
+    return _CLS["model"], _CLS["val"], _CLS["calib"]
+
+
+def _accuracy(model, val) -> float:
+    from moe_course.train import evaluate
+    return float(evaluate(model, val, batch_size=500)["accuracy"])
+
+
+def _fp32_bytes(model) -> dict[str, int]:
+    """Bytes stored as float32, by kind of module (experts, convolutions, the rest)."""
+    from moe_course.layers import moe_layers
+    expert_ids = {id(t) for layer in moe_layers(model) for t in layer.experts.parameters()}
+    expert_ids |= {id(t) for layer in moe_layers(model) for t in layer.experts.buffers()}
+    out = {"experts": 0, "convolutions": 0, "rest": 0}
+    for mod in model.modules():
+        for t in list(mod.parameters(recurse=False)) + list(mod.buffers(recurse=False)):
+            if t.dtype != torch.float32:
+                continue
+            kind = "experts" if id(t) in expert_ids else (
+                "convolutions" if isinstance(mod, torch.nn.Conv1d) else "rest")
+            out[kind] += t.numel() * 4
+    return out
+
+
+@checker("Exercise 11.3 (a whole method): the MNIST-1D model 8x smaller", timeout=300,
+         forbid=("moe_course.compress.recipes.pipeline", "moe_course.course_table.compression_table"))
+def check_compress_classifier(compress_fn) -> None:
+    """``compress_classifier(model, calib) -> new model``: at least 8x fewer true bytes than the
+    fp32 ``mnist1d-moe`` (every parameter and buffer, ``metrics.size_report``) and at most 1
+    accuracy point lost on its whole validation split; the input model must stay as it was."""
+    from moe_course.metrics import size_report
+
+    pristine, val, calib = classifier_setup()
+    model = copy.deepcopy(pristine)  # a mistake cannot spoil the cached model
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    out = compress_fn(model, calib)
+    expect(isinstance(out, torch.nn.Module),
+           f"return the compressed model (an nn.Module), got {type(out).__name__}")
+    after = model.state_dict()
+    changed = [k for k in before if k not in after or not torch.equal(before[k], after[k])]
+    expect(out is not model and not changed,
+           "your function modified the input model" + (f" ({changed[0]})" if changed else "") +
+           ": compress a copy (copy.deepcopy(model), or the package steps, which return new models) "
+           "and leave the fp32 model as it is")
+    b0, b = size_report(pristine).bytes, size_report(out).bytes
+    acc0, acc = _accuracy(pristine, val), _accuracy(out, val)
+    ratio, lost = b0 / b, 100 * (acc0 - acc)
+    fp32 = _fp32_bytes(out)
+    summary = (f"{b0:,} -> {b:,} bytes ({ratio:.2f}x smaller), validation accuracy {acc0:.4f} -> {acc:.4f} "
+               f"({lost:+.2f} points); still float32: experts {fp32['experts']:,} B, convolutions "
+               f"{fp32['convolutions']:,} B, rest {fp32['rest']:,} B")
+    print("mnist1d-moe, your compress_classifier: " + summary)
+    if ratio < TARGET_RATIO:
+        if fp32["experts"] > 0.5 * b:
+            raise CheckFailed(f"only {ratio:.2f}x smaller: the experts are still float32 and most of the bytes; "
+                              f"quantize them first (2-3 bits in groups) ({summary})")
+        if fp32["convolutions"] + fp32["rest"] > 0.3 * b and fp32["convolutions"] > 0.15 * b:
+            raise CheckFailed(f"only {ratio:.2f}x smaller: once the experts are quantized, the float32 rest "
+                              f"dominates, and the convolutions (stem and mixers) are the largest part of it; "
+                              f"quantize_rest leaves convolutions alone, so store their weights as integer codes "
+                              f"yourself (uint8 buffers + a scale per output channel; fake quantization that keeps "
+                              f"float32 weights saves no bytes) ({summary})")
+        raise CheckFailed(f"only {ratio:.2f}x smaller, the target is {TARGET_RATIO:.0f}x: count every stored byte "
+                          f"(packed codes, scales, zero points) and find the largest float32 part ({summary})")
+    expect(lost <= MAX_POINTS_LOST,
+           f"{ratio:.2f}x smaller but {lost:.2f} accuracy points lost (at most {MAX_POINTS_LOST:g}): too "
+           f"aggressive; this classifier has only 3 MoE layers, so keep all of them and all experts, and spend "
+           f"the bits where they matter (2-bit experts are fine here, the stem and head want 8) ({summary})")

@@ -1,312 +1,248 @@
-"""Chapter 10: entmax-1.5, CP and TR μMoE forward passes, CP rank for a budget."""
+"""Chapter 10: the backward pass of entmax-1.5, the hierarchical CPμMoE forward, one CP-ALS sweep
+(then on a real expert tensor), and a μMoE feed-forward that replaces one MoE layer of the zoo LM."""
 
 from __future__ import annotations
 
-import math
+import copy
 
 import torch
+
+from moe_course.calib import layer_inputs
+from moe_course.factorized import MuMoEBlock
+from moe_course.layers import moe_layers
 
 from . import Chapter
 
 M = Chapter("ch10")
 
 
-# ------------------------------------------------------------------ 10.1 entmax15
-def _entmax(z, *, halve=True, shift=True, clamp_sqrt=True, clamp_out=True, detach_tau=False, dim=-1,
-            descending=True):
-    z = z.transpose(dim, -1) if dim != -1 else z
-    if shift:
-        z = z - z.max(dim=-1, keepdim=True).values
-    if halve:
-        z = z / 2
-    zs = z.sort(dim=-1, descending=descending).values
-    k = torch.arange(1, z.shape[-1] + 1, dtype=z.dtype)
-    mean = zs.cumsum(-1) / k
-    mean_sq = (zs ** 2).cumsum(-1) / k
-    inner = (1 - k * (mean_sq - mean ** 2)) / k
-    tau = mean - (inner.clamp(min=0) if clamp_sqrt else inner).sqrt()
-    support = (tau <= zs).sum(dim=-1, keepdim=True)
-    t = tau.gather(-1, (support - 1).clamp(min=0))
-    if detach_tau:
-        t = t.detach()
-    d = z - t
-    out = (d.clamp(min=0) if clamp_out else d) ** 2
-    return out.transpose(dim, -1) if dim != -1 else out
+# ------------------------------------------------------------------ 10.1 entmax15_backward
+@M.right("check_entmax15_backward")
+def backward_via_jacobian(p, g):
+    """Builds the N x N Jacobian and multiplies (correct, only slower)."""
+    s = p.sqrt()
+    jac = torch.diag_embed(s) - s[..., :, None] * s[..., None, :] / s.sum(-1)[..., None, None]
+    return (jac.transpose(-1, -2) @ g[..., None])[..., 0]
 
 
-@M.right("check_entmax15")
-def entmax_support_mask(z):
-    """Support as a boolean mask; tau recomputed from the support's mean and variance."""
-    z = (z - z.amax(-1, keepdim=True)) / 2
-    zs, _ = torch.sort(z, dim=-1, descending=True)
-    k = torch.arange(1, z.shape[-1] + 1, dtype=z.dtype)
-    mean = zs.cumsum(-1) / k
-    var = (zs ** 2).cumsum(-1) / k - mean ** 2
-    tau = mean - torch.sqrt(torch.relu((1 - k * var) / k))
-    in_support = tau <= zs
-    size = in_support.sum(-1, keepdim=True)
-    tau_star = torch.gather(tau, -1, size - 1)
-    return torch.relu(z - tau_star) ** 2
+def _proj(u, g, denom):
+    return u * g - u * (u * g).sum(-1, keepdim=True) / denom
 
 
-@M.wrong("check_entmax15", "softmax")
-def entmax_is_softmax(z):
-    """softmax."""
-    return torch.softmax(z, -1)
+@M.wrong("check_entmax15_backward", "sqrt")
+def backward_p_not_s(p, g):
+    """Uses p where s = sqrt(p) belongs."""
+    return _proj(p, g, p.sum(-1, keepdim=True))
 
 
-@M.wrong("check_entmax15", "halve the logits")
-def entmax_not_halved(z):
-    """z not halved."""
-    return _entmax(z, halve=False)
+@M.wrong("check_entmax15_backward", "projection")
+def backward_diagonal_only(p, g):
+    """Only the diagonal term s * g."""
+    return p.sqrt() * g
 
 
-@M.wrong("check_entmax15", "sparsemax")
-def entmax_sparsemax(z):
-    """sparsemax: p = [z - tau]_+ with the linear threshold."""
-    zs = z.sort(dim=-1, descending=True).values
-    k = torch.arange(1, z.shape[-1] + 1, dtype=z.dtype)
-    tau = (zs.cumsum(-1) - 1) / k
-    support = (zs > tau).sum(-1, keepdim=True)
-    return (z - tau.gather(-1, support - 1)).clamp(min=0)
+@M.wrong("check_entmax15_backward", "sum_j s_j")
+def backward_divides_by_sum_p(p, g):
+    """Divides by sum p (= 1) instead of sum s."""
+    return _proj(p.sqrt(), g, p.sum(-1, keepdim=True))
 
 
-@M.wrong("check_entmax15", "wrong axis")
-def entmax_over_tokens(z):
-    """Normalised over dim=0."""
-    return _entmax(z, dim=0)
+@M.wrong("check_entmax15_backward", "softmax")
+def backward_softmax_jacobian(p, g):
+    """Softmax's backward."""
+    return p * (g - (p * g).sum(-1, keepdim=True))
 
 
-@M.wrong("check_entmax15", "around 1000")
-def entmax_no_shift(z):
-    """No max subtraction (float32 cancellation for large logits)."""
-    return _entmax(z, shift=False)
+@M.wrong("check_entmax15_backward", "sign")
+def backward_sign_flipped(p, g):
+    """The whole gradient negated."""
+    return -_proj(p.sqrt(), g, p.sqrt().sum(-1, keepdim=True))
 
 
-@M.wrong("check_entmax15", "gradient")
-def entmax_detached_tau(z):
-    """tau detached."""
-    return _entmax(z, detach_tau=True)
+@M.wrong("check_entmax15_backward", "wrong axis")
+def backward_sums_over_tokens(p, g):
+    """Sums over the first axis (tokens) instead of the experts."""
+    s = p.sqrt()
+    return s * g - s * (s * g).sum(0, keepdim=True) / s.sum(0, keepdim=True)
 
 
-@M.wrong("check_entmax15", "clamp")
-def entmax_no_clamp(z):
-    """(z/2 - tau) ** 2 without clamping negatives at 0."""
-    return _entmax(z, clamp_out=False)
+# ------------------------------------------------------------------ 10.2 cp_hier_forward
+def _ones(x):
+    return torch.ones(x.shape[0], 1, dtype=x.dtype)
 
 
-@M.wrong("check_entmax15", "gradient")
-def entmax_unclamped_sqrt(z):
-    """sqrt of a negative for k outside the support: nan that only shows in the gradient."""
-    return _entmax(z, clamp_sqrt=False)
+@M.right("check_cp_hier_forward")
+def hier_via_outer_coefficients(x, a1, a2, U1, U2, U_in, U_out):
+    """Flattens the two modes into N1 N2 experts with outer-product coefficients and a
+    Khatri-Rao expert factor (correct, larger intermediates)."""
+    a = (a1[:, :, None] * a2[:, None, :]).reshape(x.shape[0], -1)
+    U = (U1[:, None, :] * U2[None, :, :]).reshape(-1, U1.shape[1])
+    return ((a @ U) * (torch.cat([x, _ones(x)], 1) @ U_in)) @ U_out.T
 
 
-@M.wrong("check_entmax15", "sort")
-def entmax_ascending_sort(z):
-    """Sorted ascending."""
-    return _entmax(z, descending=False)
+@M.wrong("check_cp_hier_forward", "[x; 1]")
+def hier_no_bias_row(x, a1, a2, U1, U2, U_in, U_out):
+    """Drops the appended 1 (and the bias row)."""
+    return ((a1 @ U1) * (a2 @ U2) * (x @ U_in[:-1])) @ U_out.T
 
 
-# ------------------------------------------------------------------ 10.2 cp_mumoe_forward
-def _zbar(z, first=False):
-    ones = torch.ones(z.shape[0], 1, dtype=z.dtype)
-    return torch.cat([ones, z] if first else [z, ones], dim=1)
+@M.wrong("check_cp_hier_forward", "at the END")
+def hier_one_prepended(x, a1, a2, U1, U2, U_in, U_out):
+    """Prepends the 1 instead of appending it."""
+    return ((a1 @ U1) * (a2 @ U2) * (torch.cat([_ones(x), x], 1) @ U_in)) @ U_out.T
 
 
-@M.right("check_cp_mumoe_forward")
-def cp_einsum(z, a, U_exp, U_in, U_out):
-    """einsum per factor; the bias row added separately."""
-    e = torch.einsum("tn,nr->tr", a, U_exp)
-    x = torch.einsum("ti,ir->tr", z, U_in[:-1]) + U_in[-1]
-    return torch.einsum("tr,or->to", e * x, U_out)
+@M.wrong("check_cp_hier_forward", "elementwise")
+def hier_sum_of_modes(x, a1, a2, U1, U2, U_in, U_out):
+    """Adds the two expert projections."""
+    return (((a1 @ U1) + (a2 @ U2)) * (torch.cat([x, _ones(x)], 1) @ U_in)) @ U_out.T
 
 
-@M.wrong("check_cp_mumoe_forward", "bias is missing")
-def cp_no_bias(z, a, U_exp, U_in, U_out):
-    """The bias row dropped."""
-    return ((a @ U_exp) * (z @ U_in[:-1])) @ U_out.T
+@M.wrong("check_cp_hier_forward", "second expert mode")
+def hier_first_mode_only(x, a1, a2, U1, U2, U_in, U_out):
+    """Forgets the second mode."""
+    return ((a1 @ U1) * (torch.cat([x, _ones(x)], 1) @ U_in)) @ U_out.T
 
 
-@M.wrong("check_cp_mumoe_forward", "wrong end")
-def cp_bias_first(z, a, U_exp, U_in, U_out):
-    """The 1 prepended."""
-    return ((a @ U_exp) * (_zbar(z, first=True) @ U_in)) @ U_out.T
+@M.wrong("check_cp_hier_forward", "first expert mode")
+def hier_second_mode_only(x, a1, a2, U1, U2, U_in, U_out):
+    """Forgets the first mode."""
+    return ((a2 @ U2) * (torch.cat([x, _ones(x)], 1) @ U_in)) @ U_out.T
 
 
-@M.wrong("check_cp_mumoe_forward", "elementwise product")
-def cp_sum(z, a, U_exp, U_in, U_out):
-    """The two R-vectors added."""
-    return ((a @ U_exp) + (_zbar(z) @ U_in)) @ U_out.T
+# ------------------------------------------------------------------ 10.3 als_sweep
+def _rhs(X, factors, m):
+    letters = "abcdefgh"[: X.dim()]
+    others = [k for k in range(X.dim()) if k != m]
+    spec = ",".join([letters] + [letters[k] + "r" for k in others]) + f"->{letters[m]}r"
+    return torch.einsum(spec, X, *[factors[k] for k in others])
 
 
-@M.wrong("check_cp_mumoe_forward", "expert coefficients are ignored")
-def cp_no_experts(z, a, U_exp, U_in, U_out):
-    """a ignored."""
-    return (_zbar(z) @ U_in) @ U_out.T
+def _gram(factors, m):
+    G = torch.ones(factors[0].shape[1], factors[0].shape[1], dtype=factors[0].dtype)
+    for k, f in enumerate(factors):
+        if k != m:
+            G = G * (f.T @ f)
+    return G
 
 
-@M.wrong("check_cp_mumoe_forward", "materialise")
-def cp_builds_w(z, a, U_exp, U_in, U_out):
-    """Builds W[n, i, o] and contracts it."""
-    w = torch.einsum("nr,ir,or->nio", U_exp, U_in, U_out)
-    return torch.einsum("tn,ti,nio->to", a, _zbar(z), w)
+@M.right("check_als_sweep")
+def sweep_with_unfoldings(X, factors):
+    """Explicit unfolding and Khatri-Rao product, lstsq instead of pinv."""
+    factors = [f.clone() for f in factors]
+    for m in range(X.dim()):
+        unfold = X.movedim(m, 0).reshape(X.shape[m], -1)
+        others = [factors[k] for k in range(X.dim()) if k != m]
+        kr = others[0]
+        for f in others[1:]:
+            kr = (kr[:, None, :] * f[None, :, :]).reshape(-1, kr.shape[1])
+        factors[m] = torch.linalg.lstsq(_gram(factors, m), (unfold @ kr).T).solution.T
+    return factors
 
 
-@M.wrong("check_cp_mumoe_forward", "gradient")
-def cp_detached(z, a, U_exp, U_in, U_out):
-    """Computed under no_grad."""
+@M.wrong("check_als_sweep", "LATEST")
+def sweep_stale_factors(X, factors):
+    """Solves every mode with the factors of the start of the sweep (Jacobi, not Gauss-Seidel)."""
+    old = [f.clone() for f in factors]
+    return [_rhs(X, old, m) @ torch.linalg.pinv(_gram(old, m)) for m in range(X.dim())]
+
+
+@M.wrong("check_als_sweep", "Gram")
+def sweep_without_gram(X, factors):
+    """Leaves out the pseudo-inverse of the Hadamard product of the Grams."""
+    factors = [f.clone() for f in factors]
+    for m in range(X.dim()):
+        factors[m] = _rhs(X, factors, m)
+    return factors
+
+
+@M.wrong("check_als_sweep", "Khatri-Rao")
+def sweep_reversed_khatri_rao(X, factors):
+    """Khatri-Rao product of the other factors in the reverse order of the unfolding's columns."""
+    factors = [f.clone() for f in factors]
+    for m in range(X.dim()):
+        unfold = X.movedim(m, 0).reshape(X.shape[m], -1)
+        others = [factors[k] for k in range(X.dim()) if k != m][::-1]
+        kr = others[0]
+        for f in others[1:]:
+            kr = (kr[:, None, :] * f[None, :, :]).reshape(-1, kr.shape[1])
+        factors[m] = (unfold @ kr) @ torch.linalg.pinv(_gram(factors, m))
+    return factors
+
+
+@M.wrong("check_als_sweep", "factors")
+def sweep_returns_reconstruction(X, factors):
+    """Returns the reconstructed tensor instead of the factors."""
+    from moe_course.factorized import cp_to_tensor
+    return cp_to_tensor([f.clone() for f in factors])
+
+
+@M.wrong("check_als_sweep", "every mode")
+def sweep_first_mode_only(X, factors):
+    """Updates only the first factor."""
+    factors = [f.clone() for f in factors]
+    factors[0] = _rhs(X, factors, 0) @ torch.linalg.pinv(_gram(factors, 0))
+    return factors
+
+
+# ------------------------------------------------------------------ 10.4 replace_with_mumoe
+def _fit(model, layer_index, calib, rank, steps, copy_model=True):
+    torch.manual_seed(0)
+    out = copy.deepcopy(model) if copy_model else model
+    layer = moe_layers(out)[layer_index]
+    x = layer_inputs(model, calib)[layer_index]
     with torch.no_grad():
-        return ((a @ U_exp) * (_zbar(z) @ U_in)) @ U_out.T
+        y = layer(x)
+    block = MuMoEBlock(layer.experts.d_model, layer.experts.d_hidden, 64, "cp", rank=rank)
+    opt = torch.optim.Adam(block.parameters(), lr=3e-3)
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (512,))
+        loss = (block(x[idx]) - y[idx]).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    next(b for b in out.blocks if b.ffn is layer).ffn = block.eval()
+    return out
 
 
-@M.wrong("check_cp_mumoe_forward", "u_out")
-def cp_u_out_untransposed(z, a, U_exp, U_in, U_out):
-    """U_out used as [R, O] through a reshape instead of a transpose."""
-    return ((a @ U_exp) * (_zbar(z) @ U_in)) @ U_out.reshape(U_out.shape[1], U_out.shape[0])
+@M.right("check_mumoe_replacement")
+def replace_rank_48(model, layer_index, calib):
+    """A CPμMoE block at rank 48 (19 % of the expert parameters), 400 Adam steps."""
+    return _fit(model, layer_index, calib, 48, 400)
 
 
-# ------------------------------------------------------------------ 10.3 tr_mumoe_forward
-def _tr(z, a, G1, G2, G3, *, bias="last", order="ab", close="coa"):
-    zb = z if bias is None else _zbar(z, first=(bias == "first"))
-    g2 = G2[:, :-1] if bias is None else G2
-    A = torch.einsum("tn,anb->tab", a, G1)
-    B = torch.einsum("ti,bic->tbc", zb, g2)
-    Mx = torch.bmm(A, B) if order == "ab" else torch.bmm(B, A).transpose(1, 2)
-    return torch.einsum(f"tac,{close}->to", Mx, G3)
+@M.wrong("check_mumoe_replacement", "untrained")
+def replace_untrained(model, layer_index, calib):
+    """Swaps in a fresh, untrained block."""
+    return _fit(model, layer_index, calib, 48, 0)
 
 
-@M.right("check_tr_mumoe_forward")
-def tr_trace(z, a, G1, G2, G3):
-    """y_o = trace(A B G3[:, o, :]) per token, through einsum over the ring."""
-    zb = _zbar(z)
-    A = torch.einsum("tn,anb->tab", a, G1)
-    B = torch.einsum("ti,bic->tbc", zb, G2)
-    return torch.einsum("tab,tbc,coa->to", A, B, G3)
+@M.wrong("check_mumoe_replacement", "too large")
+def replace_too_large(model, layer_index, calib):
+    """Rank 96: a third of the expert parameters."""
+    return _fit(model, layer_index, calib, 96, 20)
 
 
-@M.wrong("check_tr_mumoe_forward", "bias is missing")
-def tr_no_bias(z, a, G1, G2, G3):
-    """The bias slice dropped."""
-    return _tr(z, a, G1, G2, G3, bias=None)
+@M.wrong("check_mumoe_replacement", "modified the input model")
+def replace_in_place(model, layer_index, calib):
+    """Replaces the layer of the INPUT model."""
+    return _fit(model, layer_index, calib, 48, 400, copy_model=False)
 
 
-@M.wrong("check_tr_mumoe_forward", "wrong end")
-def tr_bias_first(z, a, G1, G2, G3):
-    """The 1 prepended."""
-    return _tr(z, a, G1, G2, G3, bias="first")
+@M.wrong("check_mumoe_replacement", "still a sparse MoE")
+def replace_nothing(model, layer_index, calib):
+    """Returns a copy with the MoE layer still in place."""
+    return copy.deepcopy(model)
 
 
-@M.wrong("check_tr_mumoe_forward", "wrong way round")
-def tr_ring_transposed(z, a, G1, G2, G3):
-    """G3 contracted as G3[a, o, c]."""
-    return _tr(z, a, G1, G2, G3, close="aoc")
+@M.wrong("check_mumoe_replacement", "perplexity rises")
+def replace_barely_trained(model, layer_index, calib):
+    """Only 15 Adam steps."""
+    return _fit(model, layer_index, calib, 48, 15)
 
 
-@M.wrong("check_tr_mumoe_forward", "a_n g1")
-def tr_unweighted_experts(z, a, G1, G2, G3):
-    """A = sum_n G1[:, n, :] (the expert coefficients a forgotten)."""
-    zb = _zbar(z)
-    A = G1.sum(1).expand(z.shape[0], -1, -1)
-    B = torch.einsum("ti,bic->tbc", zb, G2)
-    return torch.einsum("tac,coa->to", torch.bmm(A, B), G3)
-
-
-@M.wrong("check_tr_mumoe_forward", "materialise")
-def tr_builds_w(z, a, G1, G2, G3):
-    """Builds W[n, i, o] = trace(G1 G2 G3) and contracts it."""
-    w = torch.einsum("anb,bic,coa->nio", G1, G2, G3)
-    return torch.einsum("tn,ti,nio->to", a, _zbar(z), w)
-
-
-@M.wrong("check_tr_mumoe_forward", "gradient")
-def tr_detached(z, a, G1, G2, G3):
-    """Computed under no_grad."""
-    with torch.no_grad():
-        return _tr(z, a, G1, G2, G3)
-
-
-# ------------------------------------------------------------------ 10.4 cp_rank_for_budget
-def _per_rank(d, h, n, bias=1):
-    return (n + d + bias + h) + (n + h + bias + d)
-
-
-@M.right("check_cp_rank_for_budget")
-def rank_by_search(budget, d_model, d_hidden, num_experts):
-    """Counts up while the next rank still fits."""
-    gate, per = d_model * num_experts, _per_rank(d_model, d_hidden, num_experts)
-    r = 0
-    while gate + (r + 1) * per <= budget:
-        r += 1
-    if r < 1:
-        raise ValueError(f"budget {budget} too small")
-    return r
-
-
-def _ok(r, budget):
-    if r < 1:
-        raise ValueError(f"budget {budget} too small")
-    return int(r)
-
-
-@M.wrong("check_cp_rank_for_budget", "gate is not counted")
-def rank_no_gate(budget, d_model, d_hidden, num_experts):
-    """The gate forgotten."""
-    return _ok(budget // _per_rank(d_model, d_hidden, num_experts), budget)
-
-
-@M.wrong("check_cp_rank_for_budget", "bias rows are missing")
-def rank_no_bias(budget, d_model, d_hidden, num_experts):
-    """No bias rows."""
-    return _ok((budget - d_model * num_experts) // _per_rank(d_model, d_hidden, num_experts, bias=0), budget)
-
-
-@M.wrong("check_cp_rank_for_budget", "rounded up")
-def rank_ceil(budget, d_model, d_hidden, num_experts):
-    """Rounded up."""
-    return _ok(math.ceil((budget - d_model * num_experts) / _per_rank(d_model, d_hidden, num_experts)), budget)
-
-
-@M.wrong("check_cp_rank_for_budget", "two layers")
-def rank_one_layer(budget, d_model, d_hidden, num_experts):
-    """One layer's factors only."""
-    return _ok((budget - d_model * num_experts) // (num_experts + d_model + 1 + d_hidden), budget)
-
-
-@M.wrong("check_cp_rank_for_budget", "share one gate")
-def rank_gate_twice(budget, d_model, d_hidden, num_experts):
-    """A gate per layer."""
-    return _ok((budget - 2 * d_model * num_experts) // _per_rank(d_model, d_hidden, num_experts), budget)
-
-
-@M.wrong("check_cp_rank_for_budget", "exactly")
-def rank_strictly_below(budget, d_model, d_hidden, num_experts):
-    """Strictly under the budget (a block of exactly `budget` parameters is rejected)."""
-    gate, per = d_model * num_experts, _per_rank(d_model, d_hidden, num_experts)
-    return _ok(math.ceil((budget - gate) / per) - 1, budget)
-
-
-@M.wrong("check_cp_rank_for_budget", "rank 1")
-def rank_raises_at_one(budget, d_model, d_hidden, num_experts):
-    """Raises when the rank is <= 1 (rank 1 is a valid answer)."""
-    r = (budget - d_model * num_experts) // _per_rank(d_model, d_hidden, num_experts)
-    if r <= 1:
-        raise ValueError(f"budget {budget} too small")
-    return int(r)
-
-
-@M.wrong("check_cp_rank_for_budget", "valueerror")
-def rank_returns_zero(budget, d_model, d_hidden, num_experts):
-    """Returns 0 (or less) instead of raising."""
-    return max((budget - d_model * num_experts) // _per_rank(d_model, d_hidden, num_experts), 0)
-
-
-@M.wrong("check_cp_rank_for_budget", "python int")
-def rank_float(budget, d_model, d_hidden, num_experts):
-    """floor of a float division, kept as a float."""
-    return _ok(float((budget - d_model * num_experts) // _per_rank(d_model, d_hidden, num_experts)), budget) * 1.0
-
-
-@M.wrong("check_cp_rank_for_budget", "d_hidden")
-def rank_square_layers(budget, d_model, d_hidden, num_experts):
-    """Both layers counted as d_model -> d_model (d_hidden ignored)."""
-    return _ok((budget - d_model * num_experts) // _per_rank(d_model, d_model, num_experts), budget)
+@M.wrong("check_mumoe_replacement", "nn.Module")
+def replace_returns_the_block(model, layer_index, calib):
+    """Returns the fitted feed-forward instead of the model."""
+    out = _fit(model, layer_index, calib, 48, 5)
+    return out.blocks[-1].ffn.state_dict()
