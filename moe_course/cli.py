@@ -155,7 +155,8 @@ def _cmd_execute(args: argparse.Namespace) -> int:
             client.execute()
         except Exception as exc:  # noqa: BLE001 - report and go on with the next notebook
             failed += 1
-            print(f"FAILED {p}: {type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}", flush=True)
+            last = (str(exc).strip().splitlines() or [""])[-1][:300]  # a dead kernel has no message
+            print(f"FAILED {p}: {type(exc).__name__}: {last}", flush=True)
             continue
         nb.metadata.get("kernelspec", {})["display_name"] = "Python 3"
         nbformat.write(nb, p)
