@@ -607,7 +607,7 @@ def plot_loss_curves(history_or_histories: Any, smoothing: float = 0.9, metric: 
         metric = keys[0] if keys else None
     two = metric is not None and ax is None
     if ax is None:
-        fig, axes = plt.subplots(1, 2 if two else 1, figsize=(11.0, 3.8) if two else (6.4, 3.8), squeeze=False)
+        fig, axes = plt.subplots(1, 2 if two else 1, figsize=(7.5, 3.4) if two else (6.4, 3.8), squeeze=False)
         loss_ax, metric_ax = axes[0][0], (axes[0][1] if two else None)
     else:
         fig, loss_ax, metric_ax = ax.figure, ax, None

@@ -353,7 +353,7 @@ def test_exercise_install_cell_installs_the_package_only_on_colab():
         exec(compile(code, "<install>", "exec"), {"get_ipython": FakeIPython})
     finally:
         sys.modules.pop("google.colab", None)
-    assert calls == [("pip", f'install -q "moe-course @ git+{gen.REPO_URL}@{gen.BRANCH}"')]
+    assert calls == [("pip", f'install -q "moe-course[hf] @ git+{gen.REPO_URL}@{gen.BRANCH}"')]
 
 
 def test_exercises_page_has_a_row_for_every_solution():

@@ -180,7 +180,9 @@ def test_doctor_with_an_empty_cache_says_not_cached(tmp_path, monkeypatch, capsy
     monkeypatch.setenv("MOE_COURSE_CACHE", str(tmp_path))
     assert cli.main(["doctor"]) == 0, capsys.readouterr().out
     out = capsys.readouterr().out
-    assert out.count(": not cached (trains on first use)") == 2
+    from moe_course.cli import DEFAULT_ZOO_MODELS
+
+    assert out.count(": not cached (trains on first use)") == len(DEFAULT_ZOO_MODELS)
 
 
 # ------------------------------------------------------------------------------------- table
