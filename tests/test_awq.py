@@ -80,3 +80,20 @@ def test_clear_errors():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     awq(model, 4, calib=ids(), group_size=16)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_folds_into_the_right_norm_of_a_course_transformer():
+    """A Transformer block has two norms; the scale must go into the one before the MoE layer
+    (found by tensor identity, not by id(), which Python reuses once a tensor is freed)."""
+    import datasets
+
+    from moe_course.models import LMConfig, model_from_config
+
+    torch.manual_seed(0)
+    lm = model_from_config(LMConfig(d_model=32, n_layers=2, n_heads=2, num_experts=4, k=2, d_hidden=32,
+                                    context_length=16, vocab_size=20, activation="swiglu"))
+    rows = datasets.Dataset.from_dict({"input_ids": torch.randint(0, 20, (16, 17)).tolist()}).with_format("torch")
+    scaled = awq_scale(lm, 3, calib=rows, group_size=16)
+    x = torch.randint(0, 20, (4, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(scaled(x), lm(x), rtol=1e-4, atol=1e-4)

@@ -108,10 +108,10 @@ def _preceding_norms(model: nn.Module, calib: Any) -> list[nn.Module]:
     identity on one calibration batch); raises where a layer's input comes from anything else."""
     layers = moe_layers(model)
     norms = [m for m in model.modules() if isinstance(m, NORMS)]
-    outputs, inputs = {}, {}
+    outputs, inputs = [], {}  # the tensors themselves are kept: a freed tensor's id() is reused
 
     def on_norm(m, args, out):
-        outputs.setdefault(id(out), m)  # a hook must return None, or it replaces the output
+        outputs.append((out, m))  # a hook must return None, or it replaces the output
 
     def on_layer(m, args, out):
         inputs.setdefault(id(m), args[0])
@@ -124,7 +124,7 @@ def _preceding_norms(model: nn.Module, calib: Any) -> list[nn.Module]:
             found = []
             for i, layer in enumerate(layers):
                 x = inputs.get(id(layer))
-                norm = outputs.get(id(x)) if x is not None else None
+                norm = next((m for o, m in outputs if o is x), None) if x is not None else None
                 if norm is None or norm.weight is None:
                     raise ValueError(f"model: MoE layer {i} does not read the output of a LayerNorm/RMSNorm "
                                      "with a weight directly; activation-aware scales cannot be folded exactly")
