@@ -12,7 +12,7 @@ no cycle (``tests/test_layering.py`` reads the source and enforces both). Lowest
 3. ``train``, ``calib`` (training loops; calibration batches, hooks and per-expert capture)
 4. ``metrics`` (sizes, latency, routing statistics)
 5. ``compress`` (one module per technique), ``factorized``
-6. ``compress.recipes``, ``zoo``, ``viz``, ``widgets``, ``serving``, ``hf``
+6. ``compress.recipes``, ``zoo``, ``viz``, ``widgets``, ``serving``, ``hf``, ``hf_zoo``
 7. ``course_table``, ``grading``, ``cli``, ``doctor``, ``exercises`` (the course's applications)
 
 Feed-forward kinds of higher modules plug into ``models`` through ``models.register_ffn`` when

@@ -129,7 +129,7 @@ import torch.nn.functional as F
 from .dispatch import STRATEGIES, capacity_mask, dispatch as _dispatch, resolve_strategy
 from .layers import CompressedExperts, Experts, SparseMoE, TopKRouter, moe_layers
 
-__all__ = ["ARCHITECTURES", "HFSparseMoE", "from_hf", "to_hf", "is_bridged", "save_pretrained",
+__all__ = ["require_transformers", "ARCHITECTURES", "HFSparseMoE", "from_hf", "to_hf", "is_bridged", "save_pretrained",
            "from_pretrained", "LogitsOnly", "logits_only", "PACKED_FORMAT",
            "unquantized_shared_experts"]
 
@@ -140,7 +140,8 @@ WEIGHTS_PREFIX = "moe_course_"  # model.safetensors is saved as moe_course_model
 QUANT_METHOD = "moe_course_packed"
 
 
-def _transformers():
+def require_transformers():
+    """The ``transformers`` module, or an ImportError that says how to install it."""
     try:
         import transformers
     except ImportError:  # pragma: no cover - exercised only without the extra
@@ -537,7 +538,7 @@ def from_hf(model: nn.Module, *, dispatch: str = "auto", inplace: bool = False) 
         work), its MoE layers found by :func:`moe_course.layers.moe_layers`, ``model.blocks`` its
         decoder layers. In eval mode its logits equal the original's up to float rounding.
     """
-    transformers = _transformers()
+    transformers = require_transformers()
     if not isinstance(model, transformers.PreTrainedModel):
         raise TypeError(f"model: expected a transformers PreTrainedModel, got {type(model).__name__}")
     if is_bridged(model):
@@ -781,7 +782,7 @@ def to_hf(model: nn.Module, *, materialize: bool = False, inplace: bool = False)
 
 
 def _to_hf(model: nn.Module, *, materialize: bool, inplace: bool, placeholder: bool) -> nn.Module:
-    _transformers()
+    require_transformers()
     from .compress.trimming import Skipped  # noqa: PLC0415
 
     if not is_bridged(model):
@@ -981,7 +982,7 @@ def from_pretrained(path: str | os.PathLike, *, dispatch: str = "auto", **kwargs
     ``AutoModelForCausalLM.from_pretrained`` (``dtype``, ``device_map`` ...). For the packed format
     the quantized modules are rebuilt from their stored codes; the transformers model is first
     loaded with its quantized weights freshly initialised (peak memory: the unquantized model)."""
-    transformers = _transformers()
+    transformers = require_transformers()
     from safetensors import safe_open
 
     from .compress.merging import MergedRouter  # noqa: PLC0415

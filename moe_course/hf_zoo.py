@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moe_course import zoo
-from moe_course.hf import _transformers
+from moe_course.hf import require_transformers
 
 __all__ = ["shakespeare_mixtral", "mixtral_config", "memory_table", "param_counts", "CONFIGS",
            "tiny_random_checkpoint", "T4_BYTES", "HF_ZOO_VERSION"]
@@ -61,7 +61,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
 
 def mixtral_config(vocab_size: int, preset: str = "cpu"):
     """The ``MixtralConfig`` of :func:`shakespeare_mixtral` (the zoo LM's sizes at ``preset``)."""
-    t = _transformers()
+    t = require_transformers()
     lm_cfg, _ = zoo.preset_configs(preset, "shakespeare-moe")
     return t.MixtralConfig(
         vocab_size=vocab_size, hidden_size=lm_cfg.d_model, intermediate_size=lm_cfg.d_hidden,
@@ -97,7 +97,7 @@ def _spec(preset: str) -> dict[str, Any]:
     return {"name": NAME, "preset": preset, "architecture": "MixtralForCausalLM",
             "lm_config": lm_cfg.to_dict(), "train_config": train_cfg.to_dict(),
             "data": zoo._data_spec("shakespeare-moe", preset, lm_cfg), "version": HF_ZOO_VERSION,
-            "transformers_major": int(_transformers().__version__.split(".")[0])}
+            "transformers_major": int(require_transformers().__version__.split(".")[0])}
 
 
 def _entry(preset: str, cache_dir: str | os.PathLike | None) -> tuple[Path, dict[str, Any], str]:
@@ -107,7 +107,7 @@ def _entry(preset: str, cache_dir: str | os.PathLike | None) -> tuple[Path, dict
 
 
 def _load(entry: Path, key: str) -> nn.Module | None:
-    t = _transformers()
+    t = require_transformers()
     from moe_course.data import CharTokenizer
 
     try:
@@ -126,7 +126,7 @@ def _train(spec: dict[str, Any], key: str, entry: Path, progress: bool) -> None:
     from moe_course.device import seed_everything
     from moe_course.train import evaluate, fit
 
-    t = _transformers()
+    t = require_transformers()
     preset = spec["preset"]
     _, train_cfg = zoo.preset_configs(preset, "shakespeare-moe")
     start = time.perf_counter()
@@ -199,7 +199,7 @@ def shakespeare_mixtral(preset: str = "cpu", cache_dir: str | os.PathLike | None
 # memory from a config
 # --------------------------------------------------------------------------------------------
 def _config(config: Any):
-    t = _transformers()
+    t = require_transformers()
     if isinstance(config, str):
         config = CONFIGS[config]
     if isinstance(config, dict):
@@ -213,7 +213,7 @@ def param_counts(config: Any) -> dict[str, int]:
     ``model_type``, or a key of :data:`CONFIGS`), counted on the ``meta`` device (nothing is
     allocated): ``experts`` (routed expert stacks), ``active_experts`` (the ``k`` of ``N`` a token
     runs), ``rest`` (everything else, once: tied embeddings count once), ``total``, ``active``."""
-    t = _transformers()
+    t = require_transformers()
     cfg = _config(config)
     with torch.device("meta"):
         model = t.AutoModelForCausalLM.from_config(cfg)
@@ -252,7 +252,7 @@ def tiny_random_checkpoint(model_id: str, path: str | os.PathLike, vocab_size: i
     with ``save_pretrained`` and return ``path``: the same code path as the real checkpoint
     (``from_pretrained`` from a directory), in seconds and offline. Sizes: d = 64, 2 layers,
     8 experts of width 32, the real top-k capped at 2."""
-    t = _transformers()
+    t = require_transformers()
     real = dict(CONFIGS[model_id])
     kind = real.pop("model_type")
     experts = "num_experts" if "num_experts" in real else "num_local_experts"

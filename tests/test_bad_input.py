@@ -353,7 +353,7 @@ row("MoEClassifier.forward/shape", lambda m: m(torch.randn(2, 30)), VE, r"x: exp
 row("MoEClassifier.compute_loss/keys", lambda m: m.compute_loss({"x": torch.randn(2, 40)}), KeyError,
     r"batch must have 'x' and 'y', got keys \['x'\]", CLF)
 row("preset/name", ZO.preset_configs, VE, r"preset name must be one of \('cpu', 'gpu', 'test', 'auto'\), got 'tiny'", "tiny")
-row("preset/model", ZO.preset_configs, VE, r"model must be one of \('shakespeare-moe', 'mnist1d-moe'\), got 'mnist'", "cpu", "mnist")
+row("preset/model", ZO.preset_configs, VE, r"model must be one of \('shakespeare-moe', 'mnist1d-moe', 'digits-moe'\), got 'mnist'", "cpu", "mnist")
 row("model_from_config/dict", MO.model_from_config, TE, r"cfg must be an LMConfig or ClassifierConfig, got dict", {"d_model": 8})
 row("register_ffn/builtin name", MO.register_ffn, VE, r"name must be a new non-empty string \(not one of \('moe', 'soft', 'dense'\)\)",
     "moe", lambda cfg: None)
@@ -430,7 +430,7 @@ row("default_preset/bad device", DEV.default_preset, VE, r"device must be a devi
 row("default_preset/type", DEV.default_preset, TE, r"device must be a str, torch.device or None, got float", 1.0)
 
 # ---- zoo ----------------------------------------------------------------------------------
-row("pretrained/name", ZO.pretrained, VE, r"name must be one of \('shakespeare-moe', 'mnist1d-moe'\), got 'gpt2'", "gpt2")
+row("pretrained/name", ZO.pretrained, VE, r"name must be one of \('shakespeare-moe', 'mnist1d-moe', 'digits-moe'\), got 'gpt2'", "gpt2")
 row("pretrained/preset", ZO.pretrained, VE, r"preset must be one of \('cpu', 'gpu', 'test', 'auto'\), got 'large'", "mnist1d-moe", "large")
 row("data/name", ZO.data, VE, r"name must be one of", "mnist")
 row("is_cached/name", ZO.is_cached, VE, r"name must be one of", "shakespeare")
@@ -645,7 +645,7 @@ row("prune_experts/keep=1.5", PR.prune_experts, VE, r"keep: a fraction must be i
 row("prune_experts/keep=nan", PR.prune_experts, VE, r"keep: a fraction must be in \(0, 1\], got nan", LM, NAN, calib=CAL)
 row("prune_experts/keep str", PR.prune_experts, VE, r"keep: expected an int number of experts per layer or a fraction in \(0, 1\], got '2'", LM, "2",
     calib=CAL)
-row("prune_experts/method", PR.prune_experts, VE, r"method: expected one of \('frequency', 'naee'\), got 'random'", LM, 2, calib=CAL, method="random")
+row("prune_experts/method", PR.prune_experts, VE, r"method: expected one of \('frequency', 'router_prob', 'activation', 'reap', 'naee'\), got 'random'", LM, 2, calib=CAL, method="random")
 row("prune_experts/calib None", PR.prune_experts, VE, r"calib: expected calibration data", LM, 2, calib=None)
 row("prune_experts/calib empty", PR.prune_experts, VE, r"calib: the calibration data is empty", LM, 2, calib=EMPTY_CAL)
 row("prune_experts/calib nan", PR.prune_experts, VE, r"calib \(batch 0\): expected finite values", CLF, 2, calib=NAN_CCAL)
@@ -821,7 +821,7 @@ row("block_similarity/nan", TM.block_similarity, VE, r"h_out: expected finite va
 row("best_contiguous_run/n=0", TM.best_contiguous_run, VE, r"n: expected an int in \[1, 2\], got 0", [X16, X16, X16], 0)
 row("best_contiguous_run/n>L", TM.best_contiguous_run, VE, r"n: expected an int in \[1, 2\], got 3", [X16, X16, X16], 3)
 row("expert_scores/calib None", TM.expert_scores, VE, r"calib: expected calibration data", LM, None)
-row("expert_scores/dense", TM.expert_scores, VE, r"model: MoETransformerLM has no MoE layers .* to trim", DENSE, CAL)
+row("expert_scores/dense", TM.expert_scores, VE, r"model: MoETransformerLM has no MoE layers .* to score", DENSE, CAL)
 row("drop_experts/keep=0", TM.drop_experts, VE, r"keep: expected between k=2 and num_experts=4 experts per layer, got 0", LM, 0, calib=CAL)
 row("drop_experts/keep=5", TM.drop_experts, VE, r"keep: expected between k=2 and num_experts=4 experts per layer, got 5", LM, 5, calib=CAL)
 row("drop_experts/keep global", TM.drop_experts, VE, r"keep: expected between 4 \(k per layer\) and 8 experts in total over all layers, got 3", LM, 3, calib=CAL, scope="global")
@@ -943,7 +943,7 @@ if RC is not None:
     row("pareto_frontier/x", RC.pareto_frontier, TE, r"x, y: expected the names \(str\) of two keys", [], x=0)
     row("pareto_frontier/higher_is_better", RC.pareto_frontier, TE, r"higher_is_better: expected a bool, got 'yes'", [],
         higher_is_better="yes")
-    row("compression_table/model_name", CT.compression_table, VE, r"model_name: expected one of \('shakespeare-moe', 'mnist1d-moe'\), "
+    row("compression_table/model_name", CT.compression_table, VE, r"model_name: expected one of \('shakespeare-moe', 'mnist1d-moe', 'digits-moe'\), "
         r"got 'gpt2'", "gpt2")
     row("compression_table/quick", CT.compression_table, TE, r"quick: expected a bool, got 'yes'", "mnist1d-moe", quick="yes")
 

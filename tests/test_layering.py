@@ -22,7 +22,7 @@ LEVELS: list[tuple[str, ...]] = [
     ("train", "calib"),
     ("metrics",),
     ("compress", "factorized"),
-    ("compress.recipes", "zoo", "viz", "widgets", "serving", "hf"),
+    ("compress.recipes", "zoo", "viz", "widgets", "serving", "hf", "hf_zoo"),
     ("course_table", "grading", "cli", "doctor", "exercises"),
 ]
 TEST_TOOLING = ("pytest", "hypothesis", "nbval", "tests", "unittest", "_pytest")

@@ -117,7 +117,7 @@ def test_static_fallback_shows_all_knobs_labels_and_says_sliders_need_a_kernel(s
     front = widgets.frontier_rows(grid, higher_is_better=True)
     numbers = sorted(int(t.get_text()) for a in axes for t in a.texts)
     assert numbers == list(range(1, len(front) + 1))
-    table = shown[1].data  # the Styler's DataFrame
+    table = shown[1].styler.data  # the table's DataFrame
     assert list(table["#"]) == numbers and {"experts kept / layer", "MoE layers dropped", "expert bits",
                                             "rest bits"} <= set(table.columns)
     note = shown[2].data
