@@ -188,18 +188,24 @@ class ClassifierConfig(_FFNConfig):
 
     def validate(self) -> None:
         super().validate()
-        for name in ("input_length", "stride", "kernel_size"):
-            _check_int(name, getattr(self, name))
-        _check_int("num_classes", self.num_classes, lo=2)
-        if self.stride > self.input_length:
-            raise ValueError(f"stride must be <= input_length={self.input_length}, got {self.stride}")
-        if self.mixer not in MIXERS:
-            raise ValueError(f"mixer must be one of {MIXERS}, got {self.mixer!r}")
+        _check_stem(self, "input_length", ("input_length", "stride", "kernel_size"))
 
     @property
     def num_tokens(self) -> int:
         """Tokens per example after the stem."""
         return (self.input_length - 1) // self.stride + 1
+
+
+def _check_stem(cfg, size: str, ints: tuple[str, ...]) -> None:
+    """The classifiers' shared checks: positive ints, >= 2 classes, a stride within the input
+    (``size`` names the input's length or side), a known token mixer."""
+    for name in ints:
+        _check_int(name, getattr(cfg, name))
+    _check_int("num_classes", cfg.num_classes, lo=2)
+    if cfg.stride > getattr(cfg, size):
+        raise ValueError(f"stride must be <= {size}={getattr(cfg, size)}, got {cfg.stride}")
+    if cfg.mixer not in MIXERS:
+        raise ValueError(f"mixer must be one of {MIXERS}, got {cfg.mixer!r}")
 
 
 @dataclass
@@ -221,13 +227,7 @@ class ImageClassifierConfig(_FFNConfig):
 
     def validate(self) -> None:
         super().validate()
-        for name in ("image_size", "in_channels", "stride", "kernel_size"):
-            _check_int(name, getattr(self, name))
-        _check_int("num_classes", self.num_classes, lo=2)
-        if self.stride > self.image_size:
-            raise ValueError(f"stride must be <= image_size={self.image_size}, got {self.stride}")
-        if self.mixer not in MIXERS:
-            raise ValueError(f"mixer must be one of {MIXERS}, got {self.mixer!r}")
+        _check_stem(self, "image_size", ("image_size", "in_channels", "stride", "kernel_size"))
 
     @property
     def grid(self) -> int:

@@ -5,26 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn as nn
 
 from moe_course.calib import capture_experts
 from moe_course.compress.gptq import gptq, gptq_quantize_matrix
 from moe_course.compress.quantization import QuantizedExperts, dequantize_tensor, quantize, quantize_tensor
-from moe_course.layers import SparseMoE, moe_layers
+from moe_course.layers import moe_layers
 from moe_course.metrics import size_report
-
-
-class TinyMoE(nn.Module):
-    def __init__(self, d=32, h=64, e=4):
-        super().__init__()
-        torch.manual_seed(0)
-        self.emb = nn.Embedding(10, d)
-        self.proj = nn.Linear(d, d)
-        self.ffn = SparseMoE(d, e, h, k=2, activation="swiglu")
-
-    def forward(self, idx):
-        x = self.proj(self.emb(idx))
-        return x + self.ffn(x)
+from test_quantization import TinyMoE  # the same tiny SwiGLU model
 
 
 def correlated(n=512, d=64, seed=0):
