@@ -2,12 +2,12 @@
 
     python bench/gpu_check.py --out DIR [--budget SECONDS] [--jobs N]
 
-1. trains both zoo models at the ``gpu`` preset (in parallel, one process each) and records their
-   training time and final quality; the GPU-marked tests run meanwhile;
-2. runs every bench script with ``--quick`` on ``cuda`` (alone, so their timings are not disturbed);
-3. executes every solution notebook in a fresh kernel (``--jobs`` at a time) with the ``gpu`` preset
-   when both models trained in time, else the ``cpu`` preset (on the GPU all the same), and records
-   time and the first error of each.
+1. runs the bench scripts with ``--quick`` on ``cuda``, one at a time and alone on the GPU, so
+   their timings are not disturbed (``bench/gpu_kernels.py`` first: the decode-step kernels);
+2. then, side by side: trains the three zoo models at the ``gpu`` preset (one process each) and
+   records their training time and final quality; runs the GPU-marked tests; executes every
+   solution notebook in a fresh kernel (``--jobs`` at a time, 2 CPU threads each) with the cached
+   ``cpu`` preset zoo (on the GPU all the same), recording time and the first error of each.
 
 Everything lands in DIR: ``summary.json``, ``log.txt`` (all output) and ``notebooks.zip`` (the
 executed notebooks, added as each finishes). Each step has a share of ``--budget`` so that a slow step cannot starve the
@@ -28,10 +28,14 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-ZOO_NAMES = ("shakespeare-moe", "mnist1d-moe")
-BENCHES = (["bench/dispatch.py", "--quick", "--device", "cuda"],
-           ["bench/factorized.py", "--quick", "--device", "cuda"],
-           ["bench/quantization.py", "--quick"])
+ZOO_NAMES = ("shakespeare-moe", "mnist1d-moe", "digits-moe")
+BENCHES = (["bench/gpu_kernels.py", "--quick"],
+           ["bench/sparsity.py", "--quick"],
+           ["bench/kv_cache.py", "--quick", "--device", "cuda"],
+           ["bench/hf_forward.py", "--quick", "--device", "cuda", "--dtype", "bfloat16", "--scale", "1",
+            "--tokens", "1", "64", "4096"],
+           ["bench/dispatch.py", "--quick", "--device", "cuda"],
+           ["bench/factorized.py", "--quick", "--device", "cuda"])
 
 TRAIN = """
 import json, sys, time, torch
@@ -105,36 +109,30 @@ def main() -> int:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
            "TQDM_DISABLE": "1", "MPLBACKEND": "Agg", "PYTHONUNBUFFERED": "1"}
     with open(args.out / "log.txt", "w") as log:
-        # 1. gpu zoo (and the GPU tests) -- 45 % of the budget
-        share = 0.45 * args.budget
-        with ThreadPoolExecutor(max_workers=3) as pool:
-            trains = {name: pool.submit(run, [sys.executable, "-c", TRAIN, name], log, share, env) for name in ZOO_NAMES}
-            tests = pool.submit(run, [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
-                                      "tests", "-o", "addopts="], log, share, env)
-            for name, future in trains.items():
-                code, seconds, out = future.result()
-                line = next((ln for ln in out.splitlines() if ln.startswith("ZOO_INFO ")), None)
-                summary["zoo"][name] = json.loads(line[9:]) if line else {"exit": code, "seconds": round(seconds, 1)}
-            code, seconds, out = tests.result()
-            summary["gpu_tests"] = {"exit": code, "tail": out.strip().splitlines()[-1:] if out.strip() else []}
-        trained = all("wall_seconds" in summary["zoo"][n] for n in ZOO_NAMES)
-        save(summary, args.out)
-        # 2. benches, alone on the GPU
+        # 1. benches, alone on the GPU -- at most 40 % of the budget
+        bench_deadline = time.perf_counter() + 0.4 * args.budget
         for cmd in BENCHES:
-            remaining = deadline - time.perf_counter()
-            code, seconds, out = run([sys.executable, *cmd], log, min(60.0, 0.4 * remaining), env)
+            remaining = bench_deadline - time.perf_counter()
+            if remaining < 5:
+                summary["bench"].append({"cmd": " ".join(cmd), "exit": None, "output": ["budget spent"]})
+                continue
+            code, seconds, out = run([sys.executable, *cmd], log, min(75.0, remaining), env)
             summary["bench"].append({"cmd": " ".join(cmd), "exit": code, "seconds": round(seconds, 1),
-                                     "output": out.strip().splitlines()[-25:]})
+                                     "output": out.strip().splitlines()[-40:]})
             save(summary, args.out)
-        # 3. solution notebooks
+        # 2. the gpu zoo, the GPU tests and the solution notebooks side by side
+        share = deadline - time.perf_counter() - 10
+        side = ThreadPoolExecutor(max_workers=len(ZOO_NAMES) + 1)
+        trains = {name: side.submit(run, [sys.executable, "-c", TRAIN, name], log, share, env) for name in ZOO_NAMES}
+        tests = side.submit(run, [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
+                                  "tests", "-o", "addopts="], log, share, env)
         nb_env = {"PYTHONPATH": env["PYTHONPATH"], "TQDM_DISABLE": "1", "MPLBACKEND": "Agg",
-                  "MOE_COURSE_PRESET": "gpu" if trained else "cpu"}
-        summary["notebook_preset"] = nb_env["MOE_COURSE_PRESET"]
+                  "MOE_COURSE_PRESET": "cpu", "OMP_NUM_THREADS": "2"}
+        summary["notebook_preset"] = "cpu"
         executed = Path(tempfile.mkdtemp(prefix="gpu-check-"))  # outside --out: only the zip goes back
         notebooks = sorted((REPO / "solutions").glob("*.ipynb"))
-        timeout = max(30.0, deadline - time.perf_counter() - 15)
+        timeout = max(30.0, share - 5)
         os.environ.update(nb_env)  # every kernel inherits this process's environment
-        save(summary, args.out)
         pool = ThreadPoolExecutor(max_workers=args.jobs)
         futures = [pool.submit(execute_notebook, p, executed, timeout) for p in notebooks]
         try:
@@ -151,6 +149,17 @@ def main() -> int:
             summary["notebooks"] += [{"notebook": p.name, "status": "budget spent"} for p in notebooks
                                      if p.name not in done]
         pool.shutdown(wait=False, cancel_futures=True)
+        for name, future in trains.items():
+            if future.done():
+                code, seconds, out = future.result()
+                line = next((ln for ln in out.splitlines() if ln.startswith("ZOO_INFO ")), None)
+                summary["zoo"][name] = json.loads(line[9:]) if line else {"exit": code, "seconds": round(seconds, 1),
+                                                                          "tail": out.strip().splitlines()[-3:]}
+            else:
+                summary["zoo"][name] = {"status": "still training at the deadline"}
+        if tests.done():
+            code, seconds, out = tests.result()
+            summary["gpu_tests"] = {"exit": code, "tail": out.strip().splitlines()[-3:] if out.strip() else []}
     save(summary, args.out)
     print(json.dumps({k: v for k, v in summary.items() if k != "bench"}, indent=1, default=str))
     for bench in summary["bench"]:
