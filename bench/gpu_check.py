@@ -96,6 +96,9 @@ def main() -> int:
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--budget", type=float, default=520.0, help="seconds for the whole run (default 520)")
     parser.add_argument("--jobs", type=int, default=6, help="notebooks executed at once (default 6)")
+    parser.add_argument("--steps", default="bench,zoo,notebooks",
+                        help="comma-separated subset of bench,zoo,notebooks (default all). With zoo and "
+                             "notebooks but no bench, the notebooks wait for the gpu zoo and use it")
     args = parser.parse_args()
     import torch
 
@@ -110,8 +113,9 @@ def main() -> int:
            "TQDM_DISABLE": "1", "MPLBACKEND": "Agg", "PYTHONUNBUFFERED": "1"}
     with open(args.out / "log.txt", "w") as log:
         # 1. benches, alone on the GPU -- at most 40 % of the budget
+        steps = set(args.steps.split(","))
         bench_deadline = time.perf_counter() + 0.4 * args.budget
-        for cmd in BENCHES:
+        for cmd in BENCHES if "bench" in steps else ():
             remaining = bench_deadline - time.perf_counter()
             if remaining < 5:
                 summary["bench"].append({"cmd": " ".join(cmd), "exit": None, "output": ["budget spent"]})
@@ -123,14 +127,23 @@ def main() -> int:
         # 2. the gpu zoo, the GPU tests and the solution notebooks side by side
         share = deadline - time.perf_counter() - 10
         side = ThreadPoolExecutor(max_workers=len(ZOO_NAMES) + 1)
-        trains = {name: side.submit(run, [sys.executable, "-c", TRAIN, name], log, share, env) for name in ZOO_NAMES}
+        zoo_share = share if "bench" in steps or "notebooks" not in steps else 0.6 * args.budget
+        trains = {name: side.submit(run, [sys.executable, "-c", TRAIN, name], log, zoo_share, env)
+                  for name in (ZOO_NAMES if "zoo" in steps else ())}
         tests = side.submit(run, [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
                                   "tests", "-o", "addopts="], log, share, env)
+        preset = "cpu"
+        if "bench" not in steps and "zoo" in steps:  # the notebooks wait for the gpu zoo
+            for future in trains.values():
+                future.result()
+            if all(f.result()[0] == 0 for f in trains.values()):
+                preset = "gpu"
+            share = deadline - time.perf_counter() - 10
         nb_env = {"PYTHONPATH": env["PYTHONPATH"], "TQDM_DISABLE": "1", "MPLBACKEND": "Agg",
-                  "MOE_COURSE_PRESET": "cpu", "OMP_NUM_THREADS": "2"}
-        summary["notebook_preset"] = "cpu"
+                  "MOE_COURSE_PRESET": preset, "OMP_NUM_THREADS": "2"}
+        summary["notebook_preset"] = preset
         executed = Path(tempfile.mkdtemp(prefix="gpu-check-"))  # outside --out: only the zip goes back
-        notebooks = sorted((REPO / "solutions").glob("*.ipynb"))
+        notebooks = sorted((REPO / "solutions").glob("*.ipynb")) if "notebooks" in steps else []
         timeout = max(30.0, share - 5)
         os.environ.update(nb_env)  # every kernel inherits this process's environment
         pool = ThreadPoolExecutor(max_workers=args.jobs)
@@ -150,6 +163,10 @@ def main() -> int:
                                      if p.name not in done]
         pool.shutdown(wait=False, cancel_futures=True)
         for name, future in trains.items():
+            try:
+                future.result(timeout=max(0.0, deadline - time.perf_counter()))
+            except TimeoutError:
+                pass
             if future.done():
                 code, seconds, out = future.result()
                 line = next((ln for ln in out.splitlines() if ln.startswith("ZOO_INFO ")), None)

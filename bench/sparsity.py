@@ -2,6 +2,7 @@
 
     python bench/sparsity.py            # both zoo models
     python bench/sparsity.py --quick    # the language model only
+    python bench/sparsity.py --timing-only   # the 2:4 kernel timing alone (CUDA)
 
 For each variant: the quality (perplexity, or error rate in %), the experts' true bytes (2:4:
 fp16 kept values plus 2-bit positions; unstructured: CSR with int32 indices, as
@@ -57,7 +58,10 @@ def cuda_timing() -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--timing-only", action="store_true", help="only the CUDA 2:4 kernel timing")
     args = ap.parse_args()
+    if args.timing_only:
+        return cuda_timing()
     torch.manual_seed(0)
     for name in (["shakespeare-moe"] if args.quick else ["shakespeare-moe", "mnist1d-moe"]):
         model, data = zoo.pretrained(name, progress=False), zoo.data(name)
