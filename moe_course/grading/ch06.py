@@ -243,13 +243,21 @@ def check_heal_lowrank(heal_lowrank) -> None:
     val = data["validation"].select(range(HEAL_EVAL_BLOCKS))
     teacher_copy, start = copy.deepcopy(teacher), copy.deepcopy(student0)
     before = {k: v.detach().clone() for k, v in teacher_copy.state_dict().items()}
+    teacher_calls = [0]
+    hook = teacher_copy.register_forward_hook(lambda *_: teacher_calls.__setitem__(0, teacher_calls[0] + 1))
     t0 = time.perf_counter()
-    out = heal_lowrank(start, teacher_copy, data["train"])
+    try:
+        out = heal_lowrank(start, teacher_copy, data["train"])
+    finally:
+        hook.remove()
     seconds = time.perf_counter() - t0
     expect(isinstance(out, torch.nn.Module), f"return the trained student (an nn.Module), got {describe(out)}")
     moved = [k for k, v in teacher_copy.state_dict().items() if not torch.equal(v, before[k])]
     expect(not moved, f"the teacher's weights changed ({moved[0] if moved else ''}): keep the teacher frozen "
                       f"(eval mode, torch.no_grad() for its logits, only the student's parameters in the optimizer)")
+    expect(teacher_calls[0] > 0, "your loop never ran the teacher: distillation trains the student against the "
+                                 "teacher's logits on each batch (training on the labels alone is fine-tuning, "
+                                 "not distillation)")
     size_t, size_s = metrics.size_report(teacher), metrics.size_report(out)
     smaller = size_t.expert_bytes / max(size_s.expert_bytes, 1)
     expect(smaller >= 4.8 - 1e-6, f"the student's experts are {smaller:.2f}x smaller than the teacher's; keep the "

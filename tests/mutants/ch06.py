@@ -153,7 +153,7 @@ def zoo_losses_only_full(teacher, student, input_ids, ks, tau):
 
 # ------------------------------------------------------------------ 6.3 heal
 def _heal(student, teacher, train_data, *, steps=60, alpha=0.5, lr=1e-3, train_teacher=False, frozen=False,
-          k=None):
+          k=None, labels_only=False):
     from moe_course.data import batches
     teacher.eval()
     student.train()
@@ -164,6 +164,13 @@ def _heal(student, teacher, train_data, *, steps=60, alpha=0.5, lr=1e-3, train_t
     for _, batch in zip(range(steps), batches(train_data, 32, shuffle=True, seed=0)):
         ids = batch["input_ids"]
         x, y = ids[:, :-1], ids[:, 1:]
+        if labels_only:
+            s = student(x)
+            loss = F.cross_entropy(s.reshape(-1, s.shape[-1]), y.reshape(-1))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            continue
         if train_teacher:
             z = teacher(x)
         else:
@@ -197,6 +204,12 @@ def heal_optimises_teacher_params(student, teacher, train_data):
 def heal_trains_teacher(student, teacher, train_data):
     """Teacher's parameters in the optimizer with a gradient."""
     return _heal(student, teacher, train_data, train_teacher=True, steps=3)
+
+
+@M.wrong("check_heal_lowrank", "never ran the teacher")
+def heal_labels_only(student, teacher, train_data):
+    """Fine-tunes on the labels alone, never asking the teacher."""
+    return _heal(student, teacher, train_data, labels_only=True, steps=3)
 
 
 @M.wrong("check_heal_lowrank", "train longer")
