@@ -299,3 +299,32 @@ def test_a_real_grader_names_an_in_place_edit_of_the_students_input():
     result = ch02.check_topk_route(topk_route, quiet=True)
     assert result.status == FAIL and "modified its input `logits`" in result.message
     assert result.check_id == "ch02.check_topk_route"
+
+
+@checker("Exercise 0.9: no package mask", forbid=("moe_course.dispatch.capacity_mask",))
+def check_no_package_mask(fn) -> None:
+    fn()
+
+
+def test_a_module_first_imported_during_a_forbid_gets_the_original_back():
+    """A package module imported for the first time inside a check binds the stub; afterwards it must
+    hold the real function again, or every later use of that module would fail."""
+    import types
+
+    from moe_course import dispatch
+
+    name = "moe_course._imported_during_forbid"
+
+    def student():
+        module = types.ModuleType(name)
+        exec("from moe_course.dispatch import capacity_mask", module.__dict__)
+        sys.modules[name] = module
+        return module.capacity_mask
+
+    try:
+        result = check_no_package_mask(student, quiet=True)
+        assert result.status == PASS
+        assert sys.modules[name].capacity_mask is dispatch.capacity_mask
+        assert dispatch.capacity_mask.__name__ == "capacity_mask"
+    finally:
+        sys.modules.pop(name, None)

@@ -304,6 +304,7 @@ class _Forbidden:
 
     def __init__(self, fn: Callable, targets: tuple[str, ...]) -> None:
         self.fn, self.targets, self.undo = fn, targets, []
+        self.originals: dict[int, Any] = {}  # id(stub) -> the function it stands for
 
     def _stub(self, target: str) -> Callable:
         label = target.split("moe_course.", 1)[-1]
@@ -329,6 +330,7 @@ class _Forbidden:
             except (ImportError, AttributeError):
                 continue
             stub = self._stub(target)
+            self.originals[id(stub)] = (stub, original)
             self._swap(owner, attr, stub, False)
             for name, module in list(sys.modules.items()):
                 if module is None or not (name == "moe_course" or name.startswith("moe_course.")) or module is owner:
@@ -349,6 +351,15 @@ class _Forbidden:
             else:
                 setattr(space, key, old)
         self.undo.clear()
+        # a package module first imported while the stubs were in place bound a stub: give it the original
+        for name, module in list(sys.modules.items()):
+            if module is None or not (name == "moe_course" or name.startswith("moe_course.")):
+                continue
+            for key, value in list(vars(module).items()):
+                entry = self.originals.get(id(value))
+                if entry is not None and entry[0] is value:
+                    setattr(module, key, entry[1])
+        self.originals.clear()
 
 
 class _Guard:
