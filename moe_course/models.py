@@ -386,7 +386,8 @@ class Block(nn.Module):
     def __init__(self, cfg: _FFNConfig, mixer: nn.Module | None) -> None:
         super().__init__()
         if not isinstance(cfg, _FFNConfig):
-            raise TypeError(f"cfg must be an LMConfig or ClassifierConfig, got {type(cfg).__name__}")
+            raise TypeError(f"cfg must be an LMConfig, ClassifierConfig or ImageClassifierConfig, got "
+                            f"{type(cfg).__name__}")
         if mixer is not None and not isinstance(mixer, nn.Module):
             raise TypeError(f"mixer must be an nn.Module or None, got {type(mixer).__name__}")
         self.ln_mix = nn.LayerNorm(cfg.d_model) if mixer is not None else None
@@ -731,8 +732,7 @@ def model_from_config(cfg: _FFNConfig) -> _MoEModel:
         return MoEClassifier(cfg)
     if isinstance(cfg, ImageClassifierConfig):
         return MoEImageClassifier(cfg)
-    # (tests/test_bad_input.py pins this message; an ImageClassifierConfig is accepted too)
-    raise TypeError(f"cfg must be an LMConfig or ClassifierConfig, got {type(cfg).__name__}")
+    raise TypeError(f"cfg must be an LMConfig, ClassifierConfig or ImageClassifierConfig, got {type(cfg).__name__}")
 
 
 __all__ = [

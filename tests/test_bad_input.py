@@ -328,7 +328,7 @@ row("DenseFFN/activation", MO.DenseFFN, VE, r"activation must be one of \('gelu'
 row("DenseFFN/d_hidden=0", MO.DenseFFN, VE, r"d_hidden must be >= 1, got 0", 16, 0)
 row("SelfAttention/n_heads divides", MO.SelfAttention, VE, r"n_heads=3 must divide d_model=16", 16, 3)
 row("SelfAttention/dropout", MO.SelfAttention, VE, r"dropout must be in \[0(\.0)?, 1(\.0)?[\]\)], got 1\.5", 16, 2, 1.5)
-row("Block/cfg", MO.Block, TE, r"cfg must be an LMConfig or ClassifierConfig, got dict", {"d_model": 16}, None)
+row("Block/cfg", MO.Block, TE, r"cfg must be an LMConfig, ClassifierConfig or ImageClassifierConfig, got dict", {"d_model": 16}, None)
 row("MoETransformerLM/cfg", MO.MoETransformerLM, TE, r"cfg must be an LMConfig, got ClassifierConfig", MO.ClassifierConfig())
 row("MoEClassifier/cfg", MO.MoEClassifier, TE, r"cfg must be a ClassifierConfig, got LMConfig", MO.LMConfig())
 row("MoETransformerLM.forward/1-D", lambda m: m(torch.zeros(5, dtype=torch.long)), VE, r"input_ids: expected shape \[B, T\], got \(5,\)", LM)
@@ -354,7 +354,7 @@ row("MoEClassifier.compute_loss/keys", lambda m: m.compute_loss({"x": torch.rand
     r"batch must have 'x' and 'y', got keys \['x'\]", CLF)
 row("preset/name", ZO.preset_configs, VE, r"preset name must be one of \('cpu', 'gpu', 'test', 'auto'\), got 'tiny'", "tiny")
 row("preset/model", ZO.preset_configs, VE, r"model must be one of \('shakespeare-moe', 'mnist1d-moe', 'digits-moe'\), got 'mnist'", "cpu", "mnist")
-row("model_from_config/dict", MO.model_from_config, TE, r"cfg must be an LMConfig or ClassifierConfig, got dict", {"d_model": 8})
+row("model_from_config/dict", MO.model_from_config, TE, r"cfg must be an LMConfig, ClassifierConfig or ImageClassifierConfig, got dict", {"d_model": 8})
 row("register_ffn/builtin name", MO.register_ffn, VE, r"name must be a new non-empty string \(not one of \('moe', 'soft', 'dense'\)\)",
     "moe", lambda cfg: None)
 row("register_ffn/builder", MO.register_ffn, TE, r"builder must be callable\(cfg\) -> nn.Module, got int", "mine", 3)
