@@ -427,7 +427,9 @@ def _cmd_grade(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as err:
         raise UsageError(str(err)) from None
     students = len(report.per_student())
-    print(f"graded {len(report.runs)} notebook(s) of {students} student(s) in {report.seconds:.1f} s")
+    missing = sum(run.outcome == runner.MISSING for run in report.runs)
+    print(f"graded {len(report.runs) - missing} notebook(s) of {students} student(s) in {report.seconds:.1f} s"
+          + (f"; {missing} expected notebook(s) not handed in" if missing else ""))
     print(runner.format_summary(report))
     print(f"wrote {out / 'grades.csv'}, {out / 'summary.csv'}, {out / 'grades.json'} and {out / 'executed'}/")
     return 0 if report.all_passed else 1

@@ -516,7 +516,7 @@ def check_expert_choice_route(student_fn) -> None:
     _diagnose_expert_choice(logits, 3, w, tok)
     # Hand-made: 4 tokens, 2 experts, capacity 3. Token 3's logits (3, 5) make expert 1 its favourite
     # although its logit 3 for expert 0 is the largest logit expert 0 sees.
-    logits = torch.tensor([[2.0, 0.0], [1.0, -1.0], [0.0, 0.5], [3.0, 5.0]])
+    logits = torch.tensor([[2.0, 0.0], [1.0, -0.5], [0.0, 0.5], [3.0, 5.0]])  # no tied probabilities
     w, tok = _expert_choice_output(student_fn, logits, 3)
     _diagnose_expert_choice(logits, 3, w, tok)
     for t, n, c in ((64, 8, 16), (33, 4, 5), (10, 6, 10), (12, 3, 1)):

@@ -46,6 +46,13 @@ def expert_choice_ranked_by_logits(logits, capacity):
     return torch.softmax(logits, dim=-1).t().gather(1, tokens), tokens
 
 
+@M.wrong("check_expert_choice_route", "inf/nan")
+def expert_choice_naive_softmax(logits, capacity):
+    """A hand-written softmax, exp(z) / sum exp(z), that overflows for large logits."""
+    e = torch.exp(logits)
+    return (e / e.sum(-1, keepdim=True)).t().topk(capacity, dim=-1)
+
+
 @M.wrong("check_expert_choice_route", "renormalised")
 def expert_choice_renormalised(logits, capacity):
     """Each expert's C weights divided by their sum."""
