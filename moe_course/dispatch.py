@@ -63,7 +63,29 @@ def dispatch(
     runs_kernels = getattr(experts, "runs_kernels", None)
     if runs_kernels is not None and (strategy == "auto" or resolved == "loop") and runs_kernels(x):
         return experts.kernel_forward(x, weights.to(x.dtype), indices, keep)
+    if resolved != "naive" and hasattr(experts, "weights_of"):
+        # Experts that decode their weights (packed codes) decode only the experts some token chose.
+        experts, indices = _routed_only(experts, indices, keep)
     return _IMPL[resolved](x, weights.to(x.dtype), indices, experts, keep)
+
+
+class _Routed:
+    """The experts ``ids`` of ``experts`` renumbered ``0..len(ids)-1``, weights decoded on demand."""
+
+    def __init__(self, experts, ids: list[int]):
+        self._experts, self._ids = experts, ids
+        self.num_experts, self.d_model, self.d_hidden = len(ids), experts.d_model, experts.d_hidden
+        self.act = experts.act
+
+    def weights(self, dtype: torch.dtype | None = None):
+        return self._experts.weights_of(self._ids, dtype)
+
+
+def _routed_only(experts, indices, keep):
+    used = torch.unique(indices if keep is None else indices[keep])
+    remap = torch.zeros(experts.num_experts, dtype=indices.dtype, device=indices.device)
+    remap[used] = torch.arange(used.numel(), dtype=indices.dtype, device=indices.device)
+    return _Routed(experts, used.tolist()), remap[indices]
 
 
 # the three strategies ----------------------------------------------------------------------
