@@ -12,6 +12,8 @@
    kernels (bf16 activations) and through dequantize-then-matmul (fp32 activations). Tokens/s =
    B / step time for one layer (a 16-layer model's experts would run 16x slower).
 All variants of a table run in interleaved rounds (``metrics.latency_race``): median [p10-p90].
+``--device cuda --skip-course`` runs part 2 on a GPU (bf16 against int8 / int4 weight-only kernels,
+where torch provides them there; the line "kernels for bf16 activations" says which ran).
 """
 
 from __future__ import annotations
@@ -53,22 +55,28 @@ def course_model(rounds: int, new: int) -> None:
             print(_row(name, r, batch * new, race["fp32"]))
 
 
-def olmoe_layer(rounds: int) -> None:
+def olmoe_layer(rounds: int, device: torch.device) -> None:
     d, f, n, k = 2048, 1024, 64, 8
     torch.manual_seed(0)
     fp32 = Experts(n, d, f, "swiglu").requires_grad_(False)
+    int8, int4 = QuantizedExperts(fp32, 8).to(device), QuantizedExperts(fp32, 4, group_size=32).to(device)
+    fp32 = fp32.to(device)
     bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
-    int8, int4 = QuantizedExperts(fp32, 8), QuantizedExperts(fp32, 4, group_size=32)
+    x0 = torch.zeros(1, d, device=device, dtype=torch.bfloat16)
+    print(f"kernels for bf16 activations on {device.type}: int8 experts -> {int8.kernel_kind(0, device)}, "
+          f"4-bit experts -> {int4.kernel_kind(0, device)} (runs_kernels: {int8.runs_kernels(x0)}, "
+          f"{int4.runs_kernels(x0)})")
     cases = {"fp32": (fp32, torch.float32), "bf16": (bf16, torch.bfloat16),
              "int8, kernel (bf16 act.)": (int8, torch.bfloat16), "int8, dequantize": (int8, torch.float32),
              "4-bit, kernel (bf16 act.)": (int4, torch.bfloat16), "4-bit, dequantize": (int4, torch.float32)}
     for batch in (1, 8):
         g = torch.Generator().manual_seed(batch)
-        x = torch.randn(batch, d, generator=g)
+        x = torch.randn(batch, d, generator=g).to(device)
         w, idx = torch.softmax(torch.randn(batch, n, generator=g), -1).topk(k, dim=-1)
+        w, idx = w.to(device), idx.to(device)
         runs = {name: (lambda e=e, xx=x.to(dt): dispatch(xx, w, idx, e, "auto")) for name, (e, dt) in cases.items()}
         with torch.inference_mode():
-            race = metrics.latency_race(runs, None, rounds=rounds, warmup=1)
+            race = metrics.latency_race(runs, None, rounds=rounds, warmup=1, device=device)
         print(f"OLMoE-shaped MoE layer (d={d}, f={f}, N={n}, k={k}), decode step of B={batch}:")
         for name, r in race.items():
             print(_row(name, r, batch, race["fp32"]))
@@ -77,11 +85,14 @@ def olmoe_layer(rounds: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--device", default="cpu", help="device of the OLMoE-shaped layer (e.g. cuda)")
+    parser.add_argument("--skip-course", action="store_true", help="only the OLMoE-shaped layer")
     args = parser.parse_args()
     rounds = 2 if args.quick else 5
     print(f"{torch.get_num_threads()} threads, {rounds} interleaved rounds; median [p10-p90]")
-    course_model(rounds, 16 if args.quick else 32)
-    olmoe_layer(rounds)
+    if not args.skip_course:
+        course_model(rounds, 16 if args.quick else 32)
+    olmoe_layer(rounds if torch.device(args.device).type == "cpu" else 20, torch.device(args.device))
 
 
 if __name__ == "__main__":

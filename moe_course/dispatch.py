@@ -14,8 +14,8 @@ for the assignments kept by the capacity mask (a dropped assignment contributes 
   per projection, scatter back. On GPUs with bf16 this is one kernel; on CPU torch falls back to
   a C++ loop of matmuls, so it is about as fast as ``loop``.
 
-``auto`` picks per device type and batch size from measurements (``bench/dispatch.py``): see
-``resolve_strategy``.
+``auto`` picks per device type, number of experts and batch size from measurements
+(``bench/dispatch.py --grid``): see ``resolve_strategy``.
 """
 
 from __future__ import annotations
@@ -28,12 +28,17 @@ import torch.nn.functional as F
 from moe_course import _validate
 
 STRATEGIES = ("naive", "loop", "grouped")
-# Measured with bench/dispatch.py on 2 CPU cores: for large batches the per-expert loop is
-# 2-20% faster than grouped_mm (which on CPU is a C++ loop of matmuls plus a sort); for small,
-# decode-like batches grouped_mm's single call beats E Python-level launches by 15-25%.
-# On GPUs grouped_mm is one kernel instead of E launches.
-AUTO = {"cpu": "loop", "cuda": "grouped", "mps": "loop"}
-SMALL_BATCH_ASSIGNMENTS = 1024  # at or below this many token->expert assignments, CPU uses grouped
+# "auto" on the CPU, from the grid of bench/dispatch.py --grid (N in {8, 64}, k in {1, 2, 8},
+# T in {1, 8, 64, 4096}, the course's and OLMoE's d and f; 2 shared cores):
+# * one token (decode at batch 1): "naive", k small matmuls and nothing else; loop and grouped pay
+#   for bincount, sort and scatter bookkeeping that is larger than the work at these sizes;
+# * otherwise "grouped" (one grouped_mm call per projection), except when every expert gets many
+#   assignments on average (T k / N >= LOOP_MIN_PER_EXPERT), where the per-expert loop's plain
+#   matmuls were as fast or faster (e.g. N = 8, k = 2, T = 4096).
+# On GPUs grouped_mm is one kernel instead of N launches: always "grouped".
+AUTO = {"cpu": "grouped", "cuda": "grouped", "mps": "loop"}
+LOOP_MIN_PER_EXPERT = 1024  # assignments per expert at or above which the CPU uses loop
+SMALL_BATCH_ASSIGNMENTS = 1024  # without num_experts: at or below this many assignments, grouped
 
 
 def dispatch(
@@ -57,13 +62,35 @@ def dispatch(
         ``[T, d_model]``, ``sum_j w_tj E_{i_tj}(x_t)`` over kept assignments.
     """
     _check_dispatch(x, weights, indices, experts, keep)
-    resolved = resolve_strategy(strategy, x.device, indices.numel())
+    resolved = resolve_strategy(strategy, x.device, indices.numel(), experts.num_experts, x.shape[0])
     # Experts stored in a packed format bring their own kernels (e.g. QuantizedExperts: torch's
     # weight-only int8/int4 matmuls), so "auto" and "loop" never dequantize all experts to run k.
     runs_kernels = getattr(experts, "runs_kernels", None)
     if runs_kernels is not None and (strategy == "auto" or resolved == "loop") and runs_kernels(x):
         return experts.kernel_forward(x, weights.to(x.dtype), indices, keep)
+    if resolved != "naive" and hasattr(experts, "weights_of"):
+        # Experts that decode their weights (packed codes) decode only the experts some token chose.
+        experts, indices = _routed_only(experts, indices, keep)
     return _IMPL[resolved](x, weights.to(x.dtype), indices, experts, keep)
+
+
+class _Routed:
+    """The experts ``ids`` of ``experts`` renumbered ``0..len(ids)-1``, weights decoded on demand."""
+
+    def __init__(self, experts, ids: list[int]):
+        self._experts, self._ids = experts, ids
+        self.num_experts, self.d_model, self.d_hidden = len(ids), experts.d_model, experts.d_hidden
+        self.act = experts.act
+
+    def weights(self, dtype: torch.dtype | None = None):
+        return self._experts.weights_of(self._ids, dtype)
+
+
+def _routed_only(experts, indices, keep):
+    used = torch.unique(indices if keep is None else indices[keep])
+    remap = torch.zeros(experts.num_experts, dtype=indices.dtype, device=indices.device)
+    remap[used] = torch.arange(used.numel(), dtype=indices.dtype, device=indices.device)
+    return _Routed(experts, used.tolist()), remap[indices]
 
 
 # the three strategies ----------------------------------------------------------------------
@@ -155,13 +182,23 @@ def capacity_mask(indices: torch.Tensor, num_experts: int, capacity: int) -> tor
     return (position < capacity).view(k, t).t()
 
 
-def resolve_strategy(strategy: str, device: torch.device | str, num_assignments: int | None = None) -> str:
-    """Turn ``"auto"`` into a concrete strategy for ``device`` (and batch size); validate the name."""
+def resolve_strategy(strategy: str, device: torch.device | str, num_assignments: int | None = None,
+                     num_experts: int | None = None, tokens: int | None = None) -> str:
+    """Turn ``"auto"`` into a concrete strategy for ``device`` and the batch; validate the name.
+
+    ``num_assignments`` is ``T k`` (token -> expert pairs), ``num_experts`` is ``N`` and ``tokens``
+    is ``T``; without them the rule falls back to what it can decide (see ``AUTO``)."""
     if strategy == "auto":
         kind = torch.device(device).type
-        if kind == "cpu" and num_assignments is not None and num_assignments <= SMALL_BATCH_ASSIGNMENTS:
-            return "grouped"
-        return AUTO.get(kind, "loop")
+        if kind != "cpu":
+            return AUTO.get(kind, "loop")
+        if tokens == 1:
+            return "naive"
+        if num_assignments is None:
+            return "loop"
+        if num_experts is None:
+            return "grouped" if num_assignments <= SMALL_BATCH_ASSIGNMENTS else "loop"
+        return "loop" if num_assignments >= LOOP_MIN_PER_EXPERT * num_experts else "grouped"
     if strategy not in STRATEGIES:
         raise ValueError(f"dispatch: expected one of {STRATEGIES + ('auto',)}, got {strategy!r}")
     return strategy

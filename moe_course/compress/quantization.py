@@ -139,7 +139,8 @@ def dequantize_tensor(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tens
     if zero.numel() != scale.numel():
         raise ValueError(f"zero: expected {scale.numel()} zero points (one per scale), got {zero.numel()}")
     g = codes.numel() // scale.numel()
-    x = (codes.reshape(-1, g).float() - zero.reshape(-1, 1).float()) * scale.reshape(-1, 1).float()
+    x = codes.reshape(-1, g).to(torch.float32, copy=True)  # own buffer: subtract, scale in place
+    x.sub_(zero.reshape(-1, 1).float()).mul_(scale.reshape(-1, 1).float())
     return x.reshape(codes.shape).to(dtype)
 
 
@@ -173,6 +174,11 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if flat.numel() and int(flat.max()) >= 2 ** bits:
         raise ValueError(f"codes: values must be < 2**bits = {2 ** bits}, got max {int(flat.max())}")
     pad = (-flat.numel()) % 8
+    if 8 % bits == 0:  # 2, 4, 8 bits: whole codes per byte, the same layout in byte arithmetic (fast)
+        per = 8 // bits
+        flat = F.pad(flat, (0, pad)).reshape(-1, per)
+        shifts = torch.arange(per, device=flat.device) * bits
+        return (flat << shifts).sum(dim=1).to(torch.uint8)
     flat = F.pad(flat, (0, pad)).reshape(-1, 8)
     shifts = torch.arange(8, device=flat.device) * bits
     word = (flat << shifts).sum(dim=1, keepdim=True)  # the sum of disjoint bit fields = their OR
@@ -188,6 +194,13 @@ def unpack_codes(packed: torch.Tensor, bits: int, shape: int | Sequence[int]) ->
     if packed.numel() != math.ceil(n / 8) * bits:
         raise ValueError(f"packed: expected {math.ceil(n / 8) * bits} bytes for {n} codes of {bits} bits, "
                          f"got {packed.numel()}")
+    if bits == 8:
+        return packed.reshape(-1)[:n].clone().reshape(shape)
+    if 8 % bits == 0:  # 2 or 4 bits: shift and mask bytes (no int64 words), the same layout
+        per, mask = 8 // bits, 2 ** bits - 1
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+        codes = (packed.reshape(-1, 1) >> shifts) & mask
+        return codes.reshape(-1)[:n].reshape(shape)
     b = packed.reshape(-1, bits).to(torch.int64)
     word = (b << (torch.arange(bits, device=b.device) * 8)).sum(dim=1, keepdim=True)
     codes = (word >> (torch.arange(8, device=b.device) * bits)) & (2 ** bits - 1)
@@ -222,6 +235,85 @@ class _Packed(nn.Module):
         codes = unpack_codes(getattr(self, f"{name}_codes"), bits, shape)
         return dequantize_tensor(codes, getattr(self, f"{name}_scale"), getattr(self, f"{name}_zero"),
                                  dtype=dtype or torch.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# torch's weight-only low-bit kernels, device-aware, each tried once before use
+# --------------------------------------------------------------------------------------------
+KERNEL_DTYPES = (torch.bfloat16,)  # activations the packed kernels serve (fp32 ran 20-30x slower on CPU)
+_KERNEL_OK: dict[tuple[str, torch.dtype, str], bool] = {}
+
+
+def kernel_available(kind: str, device: torch.device | str, dtype: torch.dtype) -> bool:
+    """Whether torch's weight-only ``kind`` kernel (``"int8"`` or ``"int4"``) works for ``dtype``
+    activations on ``device``: tried once on a tiny matrix against dequantize-then-matmul, the
+    verdict cached per (device type, dtype, kind). Ops differ across devices and torch versions
+    (int4 packs with ``_convert_weight_to_int4pack_for_cpu`` on the CPU and
+    ``_convert_weight_to_int4pack`` on CUDA; ``_weight_int8pack_mm`` is missing on CUDA in some
+    versions): a missing op, an error or a wrong answer means ``False``, and the experts then
+    dequantize instead of crashing."""
+    dev = torch.device(device)
+    key = (dev.type, dtype, kind)
+    if key not in _KERNEL_OK:
+        ok = False
+        if dtype in KERNEL_DTYPES and kind in ("int8", "int4"):
+            try:
+                ok = _probe(kind, dev, dtype)
+            except Exception:  # noqa: BLE001 - any failure of a private op means "not here"
+                ok = False
+        _KERNEL_OK[key] = ok
+    return _KERNEL_OK[key]
+
+
+def _probe(kind: str, device: torch.device, dtype: torch.dtype) -> bool:
+    g = torch.Generator().manual_seed(0)
+    n, k, group = 64, 128, 32
+    levels = 255 if kind == "int8" else 15
+    codes = torch.randint(0, levels + 1, (n, k), generator=g, dtype=torch.uint8)
+    groups = 1 if kind == "int8" else k // group
+    scale = torch.rand(n, groups, generator=g) * 0.02 + 0.01
+    zero = torch.randint(0, levels + 1, (n, groups), generator=g).float()
+    w = ((codes.float().view(n, groups, -1) - zero[..., None]) * scale[..., None]).view(n, k)
+    x = torch.randn(3, k, generator=g)
+    codes, scale, zero = codes.to(device), scale.to(device), zero.to(device)
+    layout = (_int8_layout(codes, scale.view(n), zero.view(n)) if kind == "int8"
+              else _int4_layout(codes, scale, zero, group))
+    got = _kernel_mm(layout, x.to(device=device, dtype=dtype)).float().cpu()
+    want = x.to(dtype).float() @ w.t()
+    return bool(got.shape == want.shape and (got - want).abs().max() <= 0.03 * want.abs().max())
+
+
+def _int4_shapes_ok(d: int, h: int, device: torch.device | str) -> bool:
+    if torch.device(device).type == "cpu":
+        return d % 2 == 0 and h % 2 == 0
+    return d % 32 == 0 and h % 32 == 0  # CUDA tiles: k % (16 * inner k-tiles) and n % 8
+
+
+def _int8_layout(codes: torch.Tensor, s: torch.Tensor, z: torch.Tensor):
+    """w = s (c - z) = s (c' - z') with c' = c - 128 in int8: one kernel plus a rank-1 correction."""
+    return ("int8", (codes.int() - 128).to(torch.int8), s.to(torch.bfloat16),
+            (s * (z - 128)).to(torch.bfloat16))
+
+
+def _int4_layout(codes: torch.Tensor, s: torch.Tensor, z: torch.Tensor, group: int):
+    """tinygemm's convention: w = (q - 8) s + Z, so Z = s (8 - z); scales_and_zeros ``[k/g, n, 2]``."""
+    scales_zeros = torch.stack([s.t(), (s * (8 - z)).t()], dim=-1).contiguous().to(torch.bfloat16)
+    if codes.device.type == "cpu":
+        return ("int4_cpu", torch._convert_weight_to_int4pack_for_cpu(codes.int(), 1), group, scales_zeros)
+    k = codes.shape[1]
+    tiles = next(t for t in (8, 4, 2) if k % (16 * t) == 0)
+    pairs = (codes[:, ::2].to(torch.uint8) << 4) | codes[:, 1::2].to(torch.uint8)  # two codes per byte
+    return ("int4", torch._convert_weight_to_int4pack(pairs.contiguous(), tiles), group, scales_zeros)
+
+
+def _kernel_mm(layout, x: torch.Tensor) -> torch.Tensor:
+    kind, *p = layout
+    if kind == "int8":
+        w, s, shift = p
+        return torch._weight_int8pack_mm(x, w, s.to(x.dtype)) - x.sum(dim=1, keepdim=True) * shift.to(x.dtype)
+    packed, group, scales_zeros = p
+    op = torch._weight_int4pack_mm_for_cpu if kind == "int4_cpu" else torch._weight_int4pack_mm
+    return op(x, packed, group, scales_zeros.to(x.dtype))
 
 
 class QuantizedExperts(_Packed, CompressedExperts):
@@ -272,59 +364,69 @@ class QuantizedExperts(_Packed, CompressedExperts):
         return len(self._names) * self.d_model * self.d_hidden
 
     # ---------------------------------------------------------------- real low-bit kernels
-    def kernel_kind(self, e: int) -> str:
-        """Which matmul expert ``e`` runs with on the CPU: ``"int8"`` (torch's weight-only int8 kernel,
-        8-bit codes with one scale per output channel), ``"int4"`` (torch's int4 kernel, 4-bit codes in
-        groups of 32..256), else ``"dequant"`` (dequantize this one expert, then a float matmul)."""
+    def kernel_kind(self, e: int, device: torch.device | str = "cpu",
+                    dtype: torch.dtype = torch.bfloat16) -> str:
+        """Which matmul expert ``e`` runs with for ``dtype`` activations on ``device``: ``"int8"``
+        (torch's weight-only int8 kernel: 8-bit codes, one scale per output channel), ``"int4"``
+        (torch's int4 kernel: 4-bit codes in groups of 32..256), else ``"dequant"`` (dequantize this
+        one expert, then a float matmul). A kernel counts only where :func:`kernel_available` found
+        it working for that device and dtype."""
         d, h = self.d_model, self.d_hidden
-        if self.bits[e] == 8 and self.group_size is None and hasattr(torch, "_weight_int8pack_mm"):
+        if self.bits[e] == 8 and self.group_size is None and kernel_available("int8", device, dtype):
             return "int8"
-        if (self.bits[e] == 4 and self.group_size in (32, 64, 128, 256) and d % 2 == 0 and h % 2 == 0
-                and hasattr(torch, "_weight_int4pack_mm_for_cpu")):
+        if (self.bits[e] == 4 and self.group_size in (32, 64, 128, 256) and _int4_shapes_ok(d, h, device)
+                and kernel_available("int4", device, dtype)):
             return "int4"
         return "dequant"
 
-    def _kernel_weights(self, name: str, e: int):
-        """Expert ``e``'s matrix ``name`` in the layout of its kernel (built once, kept in memory)."""
+    def _kernel_weights(self, name: str, e: int, device: torch.device):
+        """Expert ``e``'s matrix ``name`` in its kernel's layout (built once per buffer, kept in memory),
+        or ``None`` where it has no kernel (it is then dequantized per call, never cached)."""
+        kind = self.kernel_kind(e, device, torch.bfloat16)
+        if kind == "dequant" or (torch.device(device).type, e) in self.__dict__.get("_no_kernel", ()):
+            return None
         cache = self.__dict__.setdefault("_kernel_cache", {})
-        key = (name, e, getattr(self, f"{name}{e}_codes").data_ptr())  # new buffers (load_state_dict): rebuild
-        if key in cache:
-            return cache[key]
+        buf = getattr(self, f"{name}{e}_codes")
+        ptr = (buf.data_ptr(), buf._version)  # new or rewritten buffers (.to(), load_state_dict): rebuild
+        hit = cache.get((name, e))
+        if hit is not None and hit[0] == ptr:
+            return hit[1]
         E, d, h = self._sizes
         n, k = (d, h) if name == "out" else (h, d)  # stored [out, in]
         codes = unpack_codes(getattr(self, f"{name}{e}_codes"), self.bits[e], (n, k))
         scale = getattr(self, f"{name}{e}_scale").float()
         zero = getattr(self, f"{name}{e}_zero").float()
-        kind = self.kernel_kind(e)
-        if kind == "int8":  # w = s (c - z) = s (c' - z') with c' = c - 128 in int8: one kernel + a rank-1 fix
-            s = scale.view(n)
-            value = ("int8", (codes.int() - 128).to(torch.int8), s, s * (zero.view(n) - 128))
-        elif kind == "int4":  # tinygemm's convention: w = (q - 8) s + Z, so Z = s (8 - z)
-            g = self.group_size
-            s, z = scale.view(n, k // g).t(), zero.view(n, k // g).t()
-            packed = torch._convert_weight_to_int4pack_for_cpu(codes.int(), 1)
-            value = ("int4", packed, g, torch.stack([s, s * (8 - z)], dim=-1).contiguous())
-        else:
-            value = ("dequant", self._load(f"{name}{e}", self.bits[e], (n, k), None))
-        cache[key] = value
+        value = (_int8_layout(codes, scale.view(n), zero.view(n)) if kind == "int8"
+                 else _int4_layout(codes, scale.view(n, k // self.group_size), zero.view(n, k // self.group_size),
+                                   self.group_size))
+        cache[(name, e)] = (ptr, value)
         return value
 
     def _matmul(self, name: str, e: int, x: torch.Tensor) -> torch.Tensor:
-        """``x @ W_name[e]`` straight from the packed weights."""
-        kind, *parts = self._kernel_weights(name, e)
-        if kind == "int8":
-            w, s, shift = parts
-            return torch._weight_int8pack_mm(x, w, s.to(x.dtype)) - x.sum(dim=1, keepdim=True) * shift.to(x.dtype)
-        if kind == "int4":
-            packed, g, scales_zeros = parts
-            return torch._weight_int4pack_mm_for_cpu(x, packed, g, scales_zeros.to(x.dtype))
-        return x @ parts[0].to(x.dtype).t()
+        """``x @ W_name[e]`` straight from the packed weights (the kernel, or this expert dequantized)."""
+        layout = self._kernel_weights(name, e, x.device) if x.dtype in KERNEL_DTYPES else None
+        if layout is not None:
+            try:
+                return _kernel_mm(layout, x)
+            except RuntimeError:  # a shape the probe did not cover: this expert falls back for good
+                self.__dict__.setdefault("_no_kernel", set()).add((x.device.type, e))
+        E, d, h = self._sizes
+        shape = (d, h) if name == "out" else (h, d)
+        return x @ self._load(f"{name}{e}", self.bits[e], shape, x.dtype).t()
 
     def runs_kernels(self, x: torch.Tensor) -> bool:
-        """Whether :meth:`kernel_forward` serves ``x``: bf16 activations on the CPU. The kernels are built
-        for bf16; with fp32 activations they ran 20-30x slower than a float matmul here
-        (bench/expert_kernels.py), so fp32 inputs keep the dequantize-then-matmul path."""
-        return x.device.type == "cpu" and x.dtype == torch.bfloat16
+        """Whether :meth:`kernel_forward` serves ``x``: bf16 activations on a device where torch's
+        weight-only kernels work (checked once, see :func:`kernel_available`) for at least one expert.
+        With fp32 activations the CPU kernels ran 20-30x slower than a float matmul here
+        (bench/expert_kernels.py), so fp32 inputs keep the dequantize-then-matmul path, which
+        dispatch runs on the routed experts only (:meth:`weights_of`)."""
+        if x.dtype not in KERNEL_DTYPES:
+            return False
+        cache = self.__dict__.setdefault("_runs_kernels", {})
+        key = (x.device.type, x.dtype)
+        if key not in cache:
+            cache[key] = any(self.kernel_kind(e, x.device, x.dtype) != "dequant" for e in range(self.num_experts))
+        return cache[key]
 
     def kernel_forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
                        keep: torch.Tensor | None = None) -> torch.Tensor:
@@ -346,14 +448,36 @@ class QuantizedExperts(_Packed, CompressedExperts):
             y.index_add_(0, rows, out * gates[sel, None])
         return y
 
-    def _stack(self, name: str, dtype: torch.dtype | None) -> torch.Tensor:
+    # ---------------------------------------------------------------- dequantize-then-matmul
+    def weights_of(self, ids: Sequence[int], dtype: torch.dtype | None = None):
+        """``(w_in, w_gate or None, w_out)`` of the experts ``ids`` only, dequantized in one vectorised
+        step per matrix (stacks ``[len(ids), ...]``): dispatch calls this with the experts that some
+        token chose, so a decode step never dequantizes the other experts."""
+        ids = [int(i) for i in ids]
+        w_gate = self._stack("gate", dtype, ids) if "gate" in self._names else None
+        return self._stack("in", dtype, ids), w_gate, self._stack("out", dtype, ids)
+
+    def expert_forward(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < self.num_experts:
+            raise IndexError(f"i: expected an expert index in [0, {self.num_experts}), got {i!r}")
+        w_in, w_gate, w_out = self.weights_of([i], x.dtype)
+        gate = x @ w_gate[0] if w_gate is not None else None
+        return self.act(x @ w_in[0], gate) @ w_out[0]
+
+    def _stack(self, name: str, dtype: torch.dtype | None, ids: Sequence[int] | None = None) -> torch.Tensor:
         E, d, h = self._sizes
+        ids = range(E) if ids is None else ids
         shape = (d, h) if name == "out" else (h, d)
-        return torch.stack([self._load(f"{name}{i}", self.bits[i], shape, dtype) for i in range(E)]).transpose(1, 2)
+        if not len(ids):
+            return torch.zeros((0, shape[1], shape[0]), dtype=dtype or torch.float32,
+                               device=getattr(self, f"{name}0_scale").device)
+        codes = torch.stack([unpack_codes(getattr(self, f"{name}{i}_codes"), self.bits[i], shape) for i in ids])
+        scale = torch.cat([getattr(self, f"{name}{i}_scale").reshape(-1) for i in ids])
+        zero = torch.cat([getattr(self, f"{name}{i}_zero").reshape(-1) for i in ids])
+        return dequantize_tensor(codes, scale, zero, dtype=dtype or torch.float32).transpose(1, 2)
 
     def weights(self, dtype: torch.dtype | None = None):
-        w_gate = self._stack("gate", dtype) if "gate" in self._names else None
-        return self._stack("in", dtype), w_gate, self._stack("out", dtype)
+        return self.weights_of(range(self.num_experts), dtype)
 
     @property
     def w_in(self) -> torch.Tensor:
