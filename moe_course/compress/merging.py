@@ -13,6 +13,9 @@ r"""Expert merging: permutation alignment, M-SMoE, HC-SMoE and MC-SMoE (chapter 
 * The merged layer stores each group's expert ONCE (an :class:`~moe_course.layers.Experts` with
   ``g`` experts) and keeps the original router over ``N`` experts: a :class:`MergedRouter` maps the
   top-k slots to groups and sums the gates of choices landing in the same group.
+* MC-SMoE's adaptive merging ratio (Li et al., 2024): with ``scope="global"`` the dominant experts
+  are the most frequent of ALL layers ranked together under one budget, so each layer keeps its
+  own number of groups (:func:`adaptive_merge_counts`).
 * HC-SMoE (Chen et al., 2025): average-linkage hierarchical clustering of the experts' mean outputs
   on calibration data, then frequency-weighted merging (:func:`hc_smoe`).
 * MC-SMoE (Li et al., 2024): each merged matrix becomes a truncated SVD plus a sparse residual that
@@ -37,10 +40,12 @@ from .lowrank import FactoredExperts, expert_matrices, truncated_svd
 
 __all__ = ["SIMILARITIES", "WEIGHTINGS", "match_neurons", "permute_expert", "align_experts",
            "frequency_weighted_merge", "expert_similarity", "MergedRouter", "merge_experts", "hc_smoe",
+           "SCOPES", "adaptive_merge_counts",
            "LowRankSparseExperts", "mc_smoe", "stable_rank", "expert_stable_ranks"]
 
 SIMILARITIES = ("router-logits", "expert-outputs", "weights")
 WEIGHTINGS = ("frequency", "uniform")
+SCOPES = ("layer", "global")
 
 
 # ----------------------------------------------------------------------------- alignment
@@ -264,25 +269,81 @@ def _prepare(model, calib, keep, action):
     return layers, counts, xs
 
 
-def merge_experts(model: nn.Module, keep: int | float | list, *, calib: Any = None, align: bool = True,
-                  similarity: str = "router-logits", weighting: str = "frequency", inplace: bool = False) -> nn.Module:
-    """M-SMoE (Li et al., 2024): merge each layer's experts into ``keep`` groups (an int, a fraction
-    of ``E``, or one value per layer; at least ``k``).
+def _global_counts(freqs: list[torch.Tensor], keep: Any, layers: list) -> list[int]:
+    """MC-SMoE's adaptive ratio: groups per layer from ONE ranking of every layer's frequencies."""
+    if isinstance(keep, (list, tuple)):
+        raise ValueError("keep: with scope='global' expected one total (an int over all layers) or a "
+                         f"fraction of all experts, not one value per layer, got {keep!r}")
+    lo, total = len(layers), sum(layer.num_experts for layer in layers)
+    n = _validate.keep_count(keep, total, lo, "merged experts in total over all layers",
+                             f"between {lo} (one per layer) and {total}")
+    counts = [1] * len(layers)                          # every layer keeps its most frequent expert
+    rest = []
+    for l, f in enumerate(freqs):
+        order = f.argsort(descending=True, stable=True).tolist()
+        rest += [(-float(f[e]), l, rank) for rank, e in enumerate(order[1:], 1)]
+    rest.sort()                                          # highest frequency first; ties: earlier layer
+    for _, l, _ in rest[:n - lo]:
+        counts[l] += 1
+    return counts
 
-    Dominant experts = the ``keep`` most frequent on ``calib`` (training split); every other
+
+@torch.no_grad()
+def adaptive_merge_counts(model: nn.Module, calib: Any, keep: int | float) -> list[int]:
+    r"""MC-SMoE's adaptive merging ratio (Li et al., 2024): how many groups each MoE layer keeps
+    when ``keep`` dominant experts in total (an int over all layers, or a fraction of all experts)
+    are chosen by ranking the routing frequencies of ALL layers together.
+
+    With :math:`f_{\ell,i}` the share of layer :math:`\ell`'s top-k assignments that expert
+    :math:`i` receives on ``calib`` (it sums to 1 in every layer), every layer first keeps its most
+    frequent expert, then the remaining ``keep - L`` places go to the highest :math:`f_{\ell,i}`
+    over all other experts of all layers, whatever their layer (the paper's threshold rule
+    :math:`G_\ell = \#\{i : f_{\ell,i} > \tau\}`, with ties broken so that the budget holds
+    exactly). A layer whose router spreads its tokens evenly keeps more groups than one that sends
+    most tokens to a few experts. Returns ``[G_0, ..., G_{L-1}]`` (each in ``[1, N]``, summing to
+    the budget); :func:`merge_experts` with ``scope="global"`` merges with these counts.
+    """
+    layers = _check_layers(model, "merge")
+    xs = layer_inputs(model, calib)
+    return _global_counts([_frequencies(layer, x).cpu() for layer, x in zip(layers, xs)], keep, layers)
+
+
+def merge_experts(model: nn.Module, keep: int | float | list, *, calib: Any = None, align: bool = True,
+                  similarity: str = "router-logits", weighting: str = "frequency", scope: str = "layer",
+                  inplace: bool = False) -> nn.Module:
+    """M-SMoE (Li et al., 2024): merge each layer's experts into ``keep`` groups.
+
+    ``scope="layer"`` (default): ``keep`` groups in every layer (an int, a fraction of ``N``, or one
+    value per layer; at least ``k``). ``scope="global"``: MC-SMoE's adaptive merging ratio,
+    ``keep`` groups in total over all layers (an int in ``[L, L*N]``, or a fraction of all
+    experts; the paper's average of ``g`` per layer is ``keep=g*L``), split between the layers by
+    one ranking of all layers' routing frequencies (:func:`adaptive_merge_counts`): every layer
+    keeps at least one group (a layer with fewer groups than ``k`` still routes top-k over its
+    ``N`` slots; choices in one group are summed), at most ``N``.
+
+    Dominant experts = the layer's ``G_l`` most frequent on ``calib`` (training split); every other
     expert joins its most similar dominant expert (``similarity``); each group is aligned to its
     dominant expert (``align``) and averaged with ``weighting="frequency"`` or ``"uniform"`` weights.
-    The merged layer stores ``keep`` experts (``layer.merged_groups`` lists the members).
+    The merged layer stores ``G_l`` experts (``layer.merged_groups`` lists the members) and the
+    returned model's ``merged_counts`` lists ``G_l`` per layer.
     """
     if similarity not in SIMILARITIES:
         raise ValueError(f"similarity: expected one of {SIMILARITIES}, got {similarity!r}")
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting: expected one of {WEIGHTINGS}, got {weighting!r}")
-    layers, counts, xs = _prepare(model, calib, keep, "merge")
+    if scope not in SCOPES:
+        raise ValueError(f"scope: expected one of {SCOPES}, got {scope!r}")
+    if scope == "layer":
+        layers, counts, xs = _prepare(model, calib, keep, "merge")
+    else:
+        layers = _check_layers(model, "merge")
+        xs = layer_inputs(model, calib)
     plans = []
     with torch.no_grad():
-        for layer, g, x in zip(layers, counts, xs):
-            freq = _frequencies(layer, x).cpu()
+        freqs = [_frequencies(layer, x).cpu() for layer, x in zip(layers, xs)]
+        if scope == "global":
+            counts = _global_counts(freqs, keep, layers)
+        for layer, g, x, freq in zip(layers, counts, xs, freqs):
             order = freq.argsort(descending=True, stable=True).tolist()
             dominant = order[:g]
             sim = expert_similarity(layer, x, similarity).cpu()
@@ -295,6 +356,7 @@ def merge_experts(model: nn.Module, keep: int | float | list, *, calib: Any = No
     model = model if inplace else copy.deepcopy(model)
     for layer, (labels, freq) in zip(moe_layers(model), plans):
         _merge_layer(layer, labels, freq, align, weighting)
+    model.merged_counts = list(counts)
     return model
 
 
@@ -393,9 +455,10 @@ class LowRankSparseExperts(FactoredExperts):
 
 def mc_smoe(model: nn.Module, keep: int | float | list, *, calib: Any = None, rank: int, keep_sparse: float,
             inplace: bool = False, **merge_options) -> nn.Module:
-    """MC-SMoE (Li et al., 2024): :func:`merge_experts` into ``keep`` experts per layer, then every
-    merged expert matrix becomes a rank-``rank`` truncated SVD plus a sparse residual keeping
-    ``keep_sparse`` of its entries (``merge_options`` go to :func:`merge_experts`)."""
+    """MC-SMoE (Li et al., 2024): :func:`merge_experts` into ``keep`` experts per layer (or, with
+    ``scope="global"`` in ``merge_options``, ``keep`` in total under the adaptive merging ratio),
+    then every merged expert matrix becomes a rank-``rank`` truncated SVD plus a sparse residual
+    keeping ``keep_sparse`` of its entries (``merge_options`` go to :func:`merge_experts`)."""
     layers = _check_layers(model, "merge")
     if isinstance(keep_sparse, bool) or not isinstance(keep_sparse, (int, float)) or not 0 <= keep_sparse < 1:
         raise ValueError(f"keep_sparse: expected a number in [0, 1), got {keep_sparse!r}")
