@@ -68,6 +68,11 @@ __all__ = [
     "RoutingStats",
     "routing_stats",
     "compare",
+    "RoutingFlips",
+    "routing_flip_rate",
+    "GenerationQuality",
+    "generation_quality",
+    "repetition_rate",
 ]
 
 
@@ -830,3 +835,241 @@ def compare(
     quality_cols = [c for c in df.columns if c not in size_cols and c not in time_cols]
     df = df[size_cols + quality_cols + time_cols]
     return df
+
+
+# --------------------------------------------------------------------------------------------
+# routing flips and generation quality (judging a compressed model beyond perplexity)
+# --------------------------------------------------------------------------------------------
+@dataclass
+class RoutingFlips:
+    """Result of :func:`routing_flip_rate`: ``per_layer[i]`` is the share of tokens whose top-k
+    expert set in MoE layer ``i`` differs between the two models; ``overall`` the share over all
+    (layer, token) pairs (= the mean of ``per_layer``: every layer routes the same tokens);
+    ``num_tokens`` tokens per layer. ``float(result)`` is ``overall``."""
+
+    overall: float
+    per_layer: list[float]
+    num_tokens: int
+
+    def __float__(self) -> float:
+        return float(self.overall)
+
+
+class _IndexRecorder:
+    """Forward hook keeping every call's top-k indices ``[tokens, k]`` (the order of the k
+    choices sorted away, so that rows compare as sets)."""
+
+    def __init__(self) -> None:
+        self.calls: list[torch.Tensor] = []
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+        r: RouterOutput | None = module.last_routing
+        if r is None:
+            raise RuntimeError("an MoE layer ran but set no last_routing")
+        idx = r.indices.reshape(-1, r.indices.shape[-1])
+        self.calls.append(idx.sort(dim=-1).values.cpu())
+
+
+def routing_flip_rate(
+    reference: nn.Module,
+    other: nn.Module,
+    data: Any,
+    batch_size: int = 64,
+    max_batches: int | None = None,
+    device: torch.device | str | None = None,
+) -> RoutingFlips:
+    """The share of tokens whose top-k expert **set** changes between two models with the same
+    experts (e.g. an fp32 model and its quantized copy), per MoE layer and overall.
+
+    Both models run end to end on the same inputs, and each MoE layer's choice is compared token
+    by token as a set (the order of the k choices does not count). Each model routes its **own**
+    hidden states: layer ``i`` of ``other`` sees what ``other``'s first ``i - 1`` layers made of
+    the input, as a deployed compressed model does, so a flip in an early layer can cause flips
+    downstream. (Feeding the reference's hidden states to both routers would isolate one
+    layer's own error instead; that is not what this measures.)
+
+    Args:
+        reference: the original model.
+        other: the compressed model; the same number of MoE layers, each with the same number of
+            experts and the same ``k`` as the reference's (a model whose experts were dropped
+            or merged renumbers them, so its sets cannot be compared).
+        data: as for :func:`routing_stats` (a ``datasets.Dataset``, a tensor, a dict of tensors
+            or an iterable of batches).
+        batch_size, max_batches, device: as for :func:`routing_stats`.
+    """
+    for arg, m in (("reference", reference), ("other", other)):
+        if not isinstance(m, nn.Module):
+            raise TypeError(f"{arg}: expected an nn.Module, got {type(m).__name__}")
+    _validate.positive_int("batch_size", batch_size)
+    _validate.positive_int("max_batches", max_batches, allow_none=True)
+    ref_layers, oth_layers = moe_layers(reference), moe_layers(other)
+    if not ref_layers:
+        raise ValueError(f"reference: {type(reference).__name__} has no MoE layers; the flip rate needs some")
+    if len(oth_layers) != len(ref_layers):
+        raise ValueError(f"other: has {len(oth_layers)} MoE layers, reference has {len(ref_layers)}; "
+                         "routing flips compare models with the same MoE layers (measure a trimmed model "
+                         "against the trimmed fp32 model)")
+    for i, (a, b) in enumerate(zip(ref_layers, oth_layers)):
+        if a.num_experts != b.num_experts:
+            raise ValueError(f"other: MoE layer {i} has {b.num_experts} experts, reference has {a.num_experts}; "
+                             "routing flips need the same experts in both models (dropped or merged "
+                             "experts are renumbered)")
+        if a.k != b.k:
+            raise ValueError(f"other: MoE layer {i} routes to k={b.k} experts, reference to k={a.k}")
+    recs = [[_IndexRecorder() for _ in ref_layers], [_IndexRecorder() for _ in oth_layers]]
+    handles = []
+    n_batches = 0
+    try:
+        for layers, rs in zip((ref_layers, oth_layers), recs):
+            handles += [layer.register_forward_hook(r) for layer, r in zip(layers, rs)]
+        with contextlib.ExitStack() as stack, torch.inference_mode():
+            dev_r = stack.enter_context(evaluating(reference, device))
+            dev_o = stack.enter_context(evaluating(other, device))
+            for batch in iter_batches(data, batch_size):
+                if max_batches is not None and n_batches >= max_batches:
+                    break
+                forward(reference, to_device(batch, dev_r))
+                forward(other, to_device(batch, dev_o))
+                n_batches += 1
+    finally:
+        for h in handles:
+            h.remove()
+    per_layer, tokens = [], 0
+    for i, (ra, rb) in enumerate(zip(*recs)):
+        if not ra.calls:
+            raise ValueError("data: no batches (or no tokens) to route; pass a non-empty data set")
+        a, b = torch.cat(ra.calls), torch.cat(rb.calls)
+        if a.shape != b.shape:
+            raise ValueError(f"other: MoE layer {i} routed {tuple(b.shape)} token choices, the reference "
+                             f"{tuple(a.shape)}; the models do not run the same tokens through it")
+        flipped = (a != b).any(dim=-1)
+        per_layer.append(float(flipped.double().mean()) if len(flipped) else float("nan"))
+        tokens = len(flipped)
+    if tokens == 0:
+        raise ValueError("data: no batches (or no tokens) to route; pass a non-empty data set")
+    return RoutingFlips(overall=float(statistics.fmean(per_layer)), per_layer=per_layer, num_tokens=tokens)
+
+
+def repetition_rate(ids: torch.Tensor | Iterable[int], n: int = 4) -> float:
+    """The share of repeated n-grams in a sequence: ``1 - distinct n-grams / n-grams`` (one
+    minus Li et al.'s 2016 distinct-n). 0 when no n-gram occurs twice; a constant sequence of
+    length L scores ``1 - 1 / (L - n + 1)``. ``[B, L]`` input: the mean over rows; NaN when a
+    row is shorter than ``n``."""
+    _validate.positive_int("n", n)
+    t = torch.as_tensor(ids if torch.is_tensor(ids) else list(ids))
+    if t.dim() == 1:
+        t = t.unsqueeze(0)
+    if t.dim() != 2:
+        raise ValueError(f"ids: expected a [L] or [B, L] sequence of token ids, got shape {tuple(t.shape)}")
+    rates = []
+    for row in t.tolist():
+        grams = [tuple(row[i:i + n]) for i in range(len(row) - n + 1)]
+        rates.append(1 - len(set(grams)) / len(grams) if grams else float("nan"))
+    return float(statistics.fmean(rates))
+
+
+@dataclass
+class GenerationQuality:
+    """Result of :func:`generation_quality`.
+
+    ``perplexity``: the reference model's perplexity on the generated tokens (given the prompt
+    and the text generated before them); ``repetition``: :func:`repetition_rate` of the
+    generated tokens (mean over prompts); ``texts``: the decoded continuations (``None`` when
+    no tokenizer is known); ``tokens``: ``[B, T_prompt + new_tokens]`` ids, prompts included.
+    """
+
+    perplexity: float
+    repetition: float
+    texts: list[str] | None
+    tokens: torch.Tensor
+    prompt_length: int
+    new_tokens: int
+    seed: int
+    temperature: float
+    ngram: int
+
+
+def generation_quality(
+    model: nn.Module,
+    prompts: Any,
+    reference: nn.Module | None = None,
+    new_tokens: int = 48,
+    seed: int = 0,
+    temperature: float = 1.0,
+    ngram: int = 4,
+    tokenizer: Any = None,
+) -> GenerationQuality:
+    """Judge a language model by what it **generates**, not only by its perplexity on held-out
+    text: sample ``new_tokens`` continuations of every prompt at a fixed ``seed`` (one batch,
+    ``model.generate`` with its KV cache), then measure the ``reference`` model's perplexity on
+    the generated tokens and the share of repeated n-grams in them.
+
+    A compressed model whose samples the original model finds unlikely (a higher perplexity
+    than the original's own samples get) or that loops (a higher repetition rate) has lost
+    something a validation perplexity can hide. The same seed gives the same uniform draws, so
+    two models with the same logits produce the same text; with sampling (``temperature`` > 0)
+    small logit changes can still pick another token, so compare averages over several prompts.
+
+    Args:
+        model: a causal LM with ``generate(ids, max_new_tokens, temperature, generator=...)``
+            (:class:`moe_course.models.MoETransformerLM`).
+        prompts: ``[B, T]`` (or ``[T]``) token ids, a list of equal-length id lists, or a list of
+            equal-length strings (encoded with ``tokenizer`` or ``model.tokenizer``).
+        reference: the model that judges the text (the uncompressed original); default
+            ``model`` itself.
+        new_tokens: tokens generated per prompt; the prompt plus them must fit the reference's
+            context length.
+        seed: seed of the sampling generator.
+        temperature: sampling temperature (0 = greedy; default 1, the model's own distribution).
+        ngram: n of the repetition rate.
+        tokenizer: decodes the text for display (default ``model.tokenizer`` or the reference's).
+    """
+    if not isinstance(model, nn.Module) or not callable(getattr(model, "generate", None)):
+        raise TypeError(f"model: expected a language model with a generate() method, got {type(model).__name__}")
+    reference = model if reference is None else reference
+    if not isinstance(reference, nn.Module):
+        raise TypeError(f"reference: expected an nn.Module (the original LM), got {type(reference).__name__}")
+    _validate.positive_int("new_tokens", new_tokens)
+    _validate.positive_int("ngram", ngram)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed: expected an int, got {seed!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+        raise ValueError(f"temperature: expected a number >= 0, got {temperature!r}")
+    tok = tokenizer if tokenizer is not None else (getattr(model, "tokenizer", None)
+                                                   or getattr(reference, "tokenizer", None))
+    if isinstance(prompts, str):
+        raise TypeError("prompts: expected a list of prompts (or a [B, T] tensor), got one string; wrap it in a list")
+    if isinstance(prompts, (list, tuple)) and prompts and all(isinstance(p, str) for p in prompts):
+        if tok is None:
+            raise ValueError("prompts: strings need a tokenizer (pass tokenizer= or token ids)")
+        prompts = [tok.encode(p) for p in prompts]
+    try:
+        ids = torch.as_tensor(prompts, dtype=torch.long)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"prompts: expected [B, T] token ids of equal length, got {type(prompts).__name__} ({err})") from None
+    if ids.dim() == 1:
+        ids = ids.unsqueeze(0)
+    if ids.dim() != 2 or ids.numel() == 0:
+        raise ValueError(f"prompts: expected a non-empty [B, T] batch of token ids, got shape {tuple(ids.shape)}")
+    vocab = _config_value(reference, "vocab_size")
+    if int(ids.min()) < 0 or (vocab is not None and int(ids.max()) >= vocab):
+        raise ValueError(f"prompts: expected token ids in [0, {vocab}), got values in "
+                         f"[{int(ids.min())}, {int(ids.max())}]")
+    ctx = _config_value(reference, "context_length")
+    T = ids.shape[1]
+    if ctx is not None and T + new_tokens > ctx:
+        raise ValueError(f"new_tokens: the prompt ({T}) plus new_tokens ({new_tokens}) exceeds the reference's "
+                         f"context length {ctx}; use shorter prompts or fewer new tokens")
+    with torch.inference_mode():
+        with evaluating(model) as dev:
+            gen = torch.Generator().manual_seed(seed)
+            out = model.generate(ids.to(dev), new_tokens, float(temperature), generator=gen).cpu()
+        with evaluating(reference) as dev:
+            logits = reference(out[:, :-1].to(dev)).float().cpu()
+    pred = logits[:, T - 1:]  # positions T-1 .. end-1 predict the generated tokens T .. end
+    nll = torch.nn.functional.cross_entropy(pred.reshape(-1, pred.shape[-1]), out[:, T:].reshape(-1))
+    new = out[:, T:]
+    texts = [tok.decode(row.tolist()) for row in new] if tok is not None else None
+    return GenerationQuality(perplexity=float(torch.exp(nll)), repetition=repetition_rate(new, ngram),
+                             texts=texts, tokens=out, prompt_length=T, new_tokens=new_tokens, seed=seed,
+                             temperature=float(temperature), ngram=ngram)

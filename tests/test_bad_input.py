@@ -946,6 +946,10 @@ if RC is not None:
     row("compression_table/model_name", CT.compression_table, VE, r"model_name: expected one of \('shakespeare-moe', 'mnist1d-moe', 'digits-moe'\), "
         r"got 'gpt2'", "gpt2")
     row("compression_table/quick", CT.compression_table, TE, r"quick: expected a bool, got 'yes'", "mnist1d-moe", quick="yes")
+    row("compression_table/serving", CT.compression_table, TE, r"serving: expected a bool, got 'yes'", "mnist1d-moe",
+        serving="yes")
+    row("compression_table/decode_tokens", CT.compression_table, VE, r"decode_tokens: expected a positive int, got 0",
+        "mnist1d-moe", decode_tokens=0)
 
 
 def _nan_param(model: nn.Module, name: str) -> nn.Module:

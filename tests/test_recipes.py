@@ -234,10 +234,25 @@ def test_compression_table_quick_schema(tmp_path, single_thread):
     assert rows[0]["ratio"] == 1.0
     by = {r["technique"]: r for r in rows}
     assert by["quantize experts"]["ratio"] > 2 and "->" in by["trim + quantize"]["steps"]
+    # serving columns: a classifier decodes nothing; quantized variants have a flip rate
+    # against the same recipe before quantization, the others none
+    for r in rows:
+        assert math.isnan(r["decode_tok_s_b1"]) and math.isnan(r["gen_perplexity"]) and r["sample"] == ""
+        quantized = any(s.startswith("quantize") for s in r["steps"].split(" -> "))
+        assert (0.0 <= r["flip_rate"] <= 1.0) if quantized else math.isnan(r["flip_rate"])
+    assert by["trim + quantize"]["steps"].startswith("drop_")
     fig = plot_frontier(rows, x="latency_ms")
     assert fig.axes and fig.axes[0].get_xlabel().startswith("measured latency")
     with pytest.raises(ValueError, match="x"):
         plot_frontier(rows, x="flops")
+
+
+def test_table_recipes_split_before_the_first_quantization():
+    steps = [("drop_layers", {"keep": 2}), ("distill", {"steps": 1}), ("quantize", {"bits": 3}),
+             ("quantize_rest", {"bits": 4})]
+    assert CT._split(steps) == (steps[:2], steps[2:])
+    assert CT._split(steps[:2]) == (steps[:2], []) and CT._split(steps[2:]) == ([], steps[2:])
+    assert set(CT.QUANT_STEPS) <= set(R.STEPS)
 
 
 def test_every_table_recipe_validates(setup):
