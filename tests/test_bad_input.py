@@ -786,6 +786,9 @@ row("merge_experts/keep=0.25", MG.merge_experts, VE, r"keep: expected between k=
 row("merge_experts/keep list", MG.merge_experts, VE, r"keep: expected one value per MoE layer \(2\), got 3", LM, [2, 2, 2], calib=CAL)
 row("merge_experts/similarity", MG.merge_experts, VE, r"similarity: expected one of", LM, 2, calib=CAL, similarity="l2")
 row("merge_experts/weighting", MG.merge_experts, VE, r"weighting: expected one of \('frequency', 'uniform'\), got 'mean'", LM, 2, calib=CAL, weighting="mean")
+row("merge_experts/scope", MG.merge_experts, VE, r"scope: expected one of", LM, 2, calib=CAL, scope="model")
+row("merge_experts/global list", MG.merge_experts, VE, r"keep: with scope='global' expected one total", LM, [2, 2],
+    calib=CAL, scope="global")
 row("merge_experts/calib None", MG.merge_experts, VE, r"calib: expected calibration data", LM, 2, calib=None)
 row("merge_experts/calib empty", MG.merge_experts, VE, r"calib: the calibration data is empty", LM, 2, calib=EMPTY_CAL)
 row("merge_experts/calib nan", MG.merge_experts, VE, r"calib \(batch 0\): expected finite values", CLF, 2, calib=NAN_CCAL)
