@@ -255,13 +255,13 @@ def check_heal_lowrank(heal_lowrank) -> None:
     moved = [k for k, v in teacher_copy.state_dict().items() if not torch.equal(v, before[k])]
     expect(not moved, f"the teacher's weights changed ({moved[0] if moved else ''}): keep the teacher frozen "
                       f"(eval mode, torch.no_grad() for its logits, only the student's parameters in the optimizer)")
-    expect(teacher_calls[0] > 0, "your loop never ran the teacher: distillation trains the student against the "
-                                 "teacher's logits on each batch (training on the labels alone is fine-tuning, "
-                                 "not distillation)")
     size_t, size_s = metrics.size_report(teacher), metrics.size_report(out)
     smaller = size_t.expert_bytes / max(size_s.expert_bytes, 1)
     expect(smaller >= 4.8 - 1e-6, f"the student's experts are {smaller:.2f}x smaller than the teacher's; keep the "
                                   f"rank-8 factors (4.8x): train them, do not grow them back")
+    expect(teacher_calls[0] > 0, "your loop never ran the teacher: distillation trains the student against the "
+                                 "teacher's logits on each batch (training on the labels alone is fine-tuning, "
+                                 "not distillation)")
     base, start_ppl, got = _ppl(teacher, val), _ppl(student0, val), _ppl(out.eval(), val)
     increase = got / base - 1
     print(f"shakespeare-moe, {HEAL_EVAL_BLOCKS} validation blocks: teacher {base:.3f}, rank-{ZOO_RANK} copy before "
